@@ -1,0 +1,211 @@
+"""In-RAM replay buffer for `compression=half|full`: a ring of time steps over a frame store.
+
+Every added time step contributes exactly one new frame (the newest of its stack), so step id
+and frame id coincide. A stack is rebuilt from the frame ids [t-k+1, ..., t], each clamped to
+the first frame of the episode (which DrQ-v2 repeats to fill the stack at reset); the episode
+start pointer kept per step is the index array that makes this a vectorized gather.
+
+A sample follows upstream DrQ-v2 exactly: for an action step t (not an episode's first step)
+it returns (obs_{t-1}, a_t, sum_i gamma^i (prod_{j<i} d_{t+j}) r_{t+i}, prod_i gamma d_{t+i},
+obs_{t+n-1}), for i < n. It is valid when steps t..t+n-1 belong to one episode and every frame
+of both stacks is still stored; transitions are drawn uniformly over the valid ones.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from obs_comp import make_frame_store
+
+_COMPRESSIONS = ("half", "full")
+
+
+class ReplayBuffer:
+    """Uniform n-step replay over frame-stacked pixel observations kept in RAM once per frame."""
+
+    def __init__(self, *, obs_shape: tuple[int, ...], action_shape: tuple[int, ...], capacity: int,
+                 frame_stack: int, nstep: int, discount: float, batch_size: int, compression: str,
+                 seed: int | None = None, key_interval: int | None = None, anchor_interval: int = 250):
+        obs_shape, action_shape = tuple(obs_shape), tuple(action_shape)
+        if compression not in _COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}: expected one of {_COMPRESSIONS}")
+        if frame_stack < 1 or nstep < 1 or batch_size < 1:
+            raise ValueError(f"frame_stack, nstep and batch_size must be >= 1, got {frame_stack}, {nstep}, {batch_size}")
+        if len(obs_shape) != 3 or obs_shape[0] % frame_stack:
+            raise ValueError(f"obs_shape {obs_shape} is not (frame_stack * C, H, W) for frame_stack={frame_stack}")
+        if capacity < frame_stack + nstep:
+            raise ValueError(f"capacity {capacity} is smaller than frame_stack + nstep = {frame_stack + nstep}")
+        self.obs_shape, self.action_shape = obs_shape, action_shape
+        self.capacity, self.frame_stack, self.nstep = capacity, frame_stack, nstep
+        self.batch_size, self.compression = batch_size, compression
+        self._discount = np.float32(discount)
+        self._channels = obs_shape[0] // frame_stack
+        self._frame_shape = (self._channels, *obs_shape[1:])
+        self._frames = make_frame_store(compression, capacity, self._frame_shape,
+                                        key_interval or frame_stack, anchor_interval)
+        self._action = np.zeros((capacity, *action_shape), dtype=np.float32)
+        self._reward = np.zeros(capacity, dtype=np.float32)
+        self._step_discount = np.zeros(capacity, dtype=np.float32)
+        self._episode_start = np.zeros(capacity, dtype=np.int64)  # step id of the episode's first step
+        self._last_obs = np.zeros(obs_shape, dtype=np.uint8)  # to check that each stack shifts by one frame
+        self._total = 0  # steps ever added; the next step's id
+        self._current_start = -1  # first step id of the episode being added; -1 before any
+        self._episode_open = False
+        self._newest_oldest_frame = -1  # oldest frame read by the newest complete transition
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return min(self._total, self.capacity)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array the buffer holds."""
+        arrays = (self._action, self._reward, self._step_discount, self._episode_start, self._last_obs)
+        return self._frames.nbytes + sum(a.nbytes for a in arrays)
+
+    @property
+    def can_sample(self) -> bool:
+        """Whether at least one complete transition is stored."""
+        return self._newest_oldest_frame >= self._first_stored()
+
+    def add(self, time_step) -> None:
+        """Store one ExtendedTimeStep (step_type, observation, action, reward, discount)."""
+        obs = np.asarray(time_step.observation)
+        if obs.shape != self.obs_shape or obs.dtype != np.uint8:
+            raise ValueError(f"observation has shape {obs.shape} and dtype {obs.dtype}; "
+                             f"expected {self.obs_shape} uint8")
+        action = np.asarray(time_step.action, dtype=np.float32)
+        if action.shape != self.action_shape:
+            raise ValueError(f"action has shape {action.shape}; expected {self.action_shape}")
+        reward = np.float32(0.0 if time_step.reward is None else time_step.reward)
+        step_discount = np.float32(1.0 if time_step.discount is None else time_step.discount)
+        first = bool(time_step.first())
+        frames = obs.reshape(self.frame_stack, -1)
+        if first:
+            if not (frames == frames[-1]).all():
+                raise ValueError("first observation of an episode must repeat its frame across the stack "
+                                 "(DrQ-v2 frame stacking); its frames differ")
+        else:
+            if not self._episode_open:
+                raise ValueError("got a mid-episode time step without a first() step before it")
+            if not np.array_equal(frames[:-1], self._last_obs.reshape(self.frame_stack, -1)[1:]):
+                raise ValueError("observation is not the previous stack shifted by one frame; "
+                                 "frames must be added in the order the environment produced them")
+
+        with self._lock:
+            step = self._total
+            slot = step % self.capacity
+            if first:
+                self._current_start = step
+            self._frames.append(frames[-1].reshape(self._frame_shape), episode_start=first)
+            self._action[slot] = action
+            self._reward[slot] = reward
+            self._step_discount[slot] = step_discount
+            self._episode_start[slot] = self._current_start
+            self._last_obs[...] = obs
+            self._episode_open = not time_step.last()
+            if step - self._current_start >= self.nstep:  # completes the transition at step - nstep + 1
+                self._newest_oldest_frame = max(step - self.nstep + 1 - self.frame_stack, self._current_start)
+            self._total = step + 1
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Draw batch_size transitions: (obs, action, reward (B,1), discount (B,1), next_obs) as numpy."""
+        with self._lock:
+            if not self.can_sample:
+                raise RuntimeError("the replay buffer holds no complete transition yet "
+                                   f"(an episode needs at least nstep={self.nstep} steps after its first)")
+            return self._gather(self._draw(self.batch_size))
+
+    def _gather(self, steps: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The transitions whose action steps are `steps` (all valid)."""
+        start = self._episode_start[steps % self.capacity]
+        back = np.arange(self.frame_stack - 1, -1, -1)
+        ids = np.stack([np.maximum(steps[:, None] - 1 - back, start[:, None]),
+                        np.maximum(steps[:, None] + self.nstep - 1 - back, start[:, None])])
+        frames = np.empty((2 * len(steps) * self.frame_stack, int(np.prod(self._frame_shape))),
+                          dtype=np.uint8)
+        self._frames.decode(ids.reshape(-1), frames)
+        obs = frames.reshape(2, len(steps), *self.obs_shape)
+
+        action = self._action[steps % self.capacity]
+        reward = np.zeros(len(steps), dtype=np.float32)
+        discount = np.ones(len(steps), dtype=np.float32)
+        for i in range(self.nstep):  # same float32 arithmetic as upstream's per-sample loop
+            slot = (steps + i) % self.capacity
+            reward += discount * self._reward[slot]
+            discount *= self._step_discount[slot] * self._discount
+        return obs[0], action, reward[:, None], discount[:, None], obs[1]
+
+    def __iter__(self) -> "ReplayBuffer":
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, ...]:
+        return self.sample()
+
+    def _first_stored(self) -> int:
+        return max(self._total - self.capacity, 0)
+
+    def _oldest_frame(self, steps: np.ndarray) -> np.ndarray:
+        """Oldest frame id a transition at `steps` reads: the start of obs_{t-1}'s stack."""
+        return np.maximum(steps - self.frame_stack, self._episode_start[steps % self.capacity])
+
+    def _valid(self, steps: np.ndarray) -> np.ndarray:
+        start = self._episode_start[steps % self.capacity]
+        last = steps + self.nstep - 1
+        return ((steps > start) & (last < self._total)
+                & (self._episode_start[last % self.capacity] == start)
+                & (self._oldest_frame(steps) >= self._first_stored()))
+
+    def _draw(self, count: int) -> np.ndarray:
+        """`count` action steps drawn uniformly from the valid ones (rejection sampling)."""
+        low, high = self._first_stored() + 1, self._total - self.nstep + 1
+        chosen = []
+        for _ in range(16):
+            candidates = self._rng.integers(low, high, size=count)
+            chosen.append(candidates[self._valid(candidates)])
+            count -= len(chosen[-1])
+            if count == 0:
+                return np.concatenate(chosen)
+        # valid steps are rare (very short episodes): draw among them directly
+        every = np.arange(low, high)
+        chosen.append(self._rng.choice(every[self._valid(every)], size=count))
+        return np.concatenate(chosen)
+
+
+def prefetch(buffer: ReplayBuffer, device: torch.device | str) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Iterate over batches sampled one ahead in a background thread, as tensors (pinned on CUDA)."""
+    pin = torch.device(device).type == "cuda"
+    batches: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        while not stop.is_set():
+            try:
+                batch = tuple(torch.from_numpy(x) for x in buffer.sample())
+                if pin:
+                    batch = tuple(x.pin_memory() for x in batch)
+            except Exception as error:  # re-raised in the consumer rather than lost with the thread
+                batch = error
+            while not stop.is_set():
+                try:
+                    batches.put(batch, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(batch, Exception):
+                return
+
+    threading.Thread(target=produce, daemon=True, name="replay-prefetch").start()
+    try:
+        while True:
+            batch = batches.get()
+            if isinstance(batch, Exception):
+                raise batch
+            yield batch
+    finally:
+        stop.set()

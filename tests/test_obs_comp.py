@@ -1,0 +1,112 @@
+"""Frame stores decode exactly the frames they were given, whatever the content, wraps and growth."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from obs_comp import DiffFrames, RawFrames, make_frame_store
+
+
+def similar_frames(rng: np.random.Generator, count: int, shape: tuple, change: float) -> np.ndarray:
+    """Frames where each differs from the previous in a random fraction of pixels (sometimes all)."""
+    frames = np.empty((count, *shape), dtype=np.uint8)
+    frame = rng.integers(0, 256, shape, dtype=np.uint8)
+    for i in range(count):
+        roll = rng.random()
+        if roll < 0.1:
+            frame = rng.integers(0, 256, shape, dtype=np.uint8)  # scene cut: raw fallback
+        elif roll < 0.9:
+            mask = rng.random(shape) < change
+            frame = np.where(mask, rng.integers(0, 256, shape, dtype=np.uint8), frame)
+        frames[i] = frame  # else: identical to the previous frame
+    return frames
+
+
+@st.composite
+def frame_streams(draw):
+    shape = (draw(st.sampled_from([1, 3])), draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+    count = draw(st.integers(1, 120))
+    starts = draw(st.lists(st.booleans(), min_size=count, max_size=count))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    frames = similar_frames(rng, count, shape, draw(st.sampled_from([0.02, 0.2, 0.6])))
+    return shape, frames, starts, rng
+
+
+@settings(max_examples=150, deadline=None)
+@given(stream=frame_streams(), capacity=st.integers(1, 40), key_interval=st.integers(1, 5),
+       anchor_interval=st.integers(1, 12))
+def test_full_decodes_every_stored_frame_exactly(stream, capacity, key_interval, anchor_interval):
+    shape, frames, starts, rng = stream
+    store = DiffFrames(capacity, shape, key_interval, anchor_interval)
+    for i, (frame, start) in enumerate(zip(frames, starts)):
+        store.append(frame, episode_start=start)
+        stored = np.arange(max(0, i + 1 - capacity), i + 1)
+        # in order (as stacks are read), and shuffled with repeats (no reliance on ordering)
+        for ids in (stored, rng.choice(stored, size=2 * len(stored))):
+            out = np.empty((len(ids), frames[0].size), dtype=np.uint8)
+            store.decode(ids, out)
+            np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))
+
+
+@settings(max_examples=50, deadline=None)
+@given(stream=frame_streams(), capacity=st.integers(1, 40))
+def test_half_decodes_every_stored_frame_exactly(stream, capacity):
+    shape, frames, starts, _ = stream
+    store = RawFrames(capacity, shape)
+    for frame, start in zip(frames, starts):
+        store.append(frame, episode_start=start)
+    ids = np.arange(max(0, len(frames) - capacity), len(frames))
+    out = np.empty((len(ids), frames[0].size), dtype=np.uint8)
+    store.decode(ids, out)
+    np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))
+
+
+def moving_blob_frames(count: int, size: int = 84) -> np.ndarray:
+    """A bright square drifting over a fixed gradient, like a tracked body over a floor-free sky."""
+    background = np.tile(np.linspace(40, 160, size, dtype=np.uint8)[:, None], (1, size))
+    frames = np.repeat(background[None], count, axis=0)
+    for i in range(count):
+        x = 20 + int(15 * np.sin(i / 7))
+        frames[i, 30:50, x:x + 20] = 200 + (i % 50)
+    return frames[:, None]
+
+
+def test_full_is_smaller_than_raw_on_similar_frames_and_reuses_its_arena():
+    frames = moving_blob_frames(3000)
+    store = DiffFrames(500, frames.shape[1:], key_interval=3, anchor_interval=100)
+    for i, frame in enumerate(frames):
+        store.append(frame, episode_start=i % 400 == 0)
+        if i == 1000:
+            arena_after_first_wraps = store.nbytes
+    assert store.nbytes == arena_after_first_wraps  # steady state: old payload space is reused
+    assert store.payload_bytes <= store.nbytes
+    raw = RawFrames(500, frames.shape[1:]).nbytes
+    assert store.nbytes < raw / 5
+
+
+def test_full_rejects_bad_settings():
+    with pytest.raises(ValueError, match="key_interval"):
+        DiffFrames(10, (1, 8, 8), key_interval=0, anchor_interval=4)
+    with pytest.raises(ValueError, match="too large"):
+        DiffFrames(10, (3, 512, 512), key_interval=3, anchor_interval=4)
+    with pytest.raises(ValueError, match="unknown compression"):
+        make_frame_store("zip", 10, (1, 8, 8), 3, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(words=st.integers(1, 3), pattern=st.lists(st.integers(0, 3), min_size=50, max_size=300),
+       capacity=st.integers(1, 12), key_interval=st.integers(1, 3), anchor_interval=st.integers(1, 6))
+def test_full_arena_boundaries_with_tiny_frames(words, pattern, capacity, key_interval, anchor_interval):
+    # Payloads of 1-3 words make the arena wrap and fill to the exact word often.
+    store = DiffFrames(capacity, (1, 1, 4 * words), key_interval, anchor_interval)
+    frames = []
+    frame = np.zeros(4 * words, dtype=np.uint8)
+    for i, change in enumerate(pattern):
+        frame = frame.copy()
+        frame[:change] += 1 + i % 7
+        frames.append(frame)
+        store.append(frame.reshape(1, 1, -1), episode_start=change == 3)
+        ids = np.arange(max(0, i + 1 - capacity), i + 1)
+        out = np.empty((len(ids), frame.size), dtype=np.uint8)
+        store.decode(ids, out)
+        np.testing.assert_array_equal(out, np.stack(frames)[ids])
