@@ -19,10 +19,14 @@ expire; it grows (compacting the live payload) only when the live payload no lon
 from __future__ import annotations
 
 import math
+import mmap
 from typing import Protocol
 
 import numba
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _GROWTH = 1.125  # small steps: nbytes counts the whole arena, so slack costs compression
 _MAX_FRAME_WORDS = 0xFFFF  # run start and length are uint16 word counts
@@ -60,7 +64,8 @@ class RawFrames:
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Write the frames `ids` (M,) into `out` (M, C*H*W) uint8."""
-        np.take(self._frames, ids % self.capacity, axis=0, out=out)
+        # mode='wrap' maps ids to ring slots, and unlike the default mode it writes `out` unbuffered
+        np.take(self._frames, ids, axis=0, out=out, mode="wrap")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -98,53 +103,66 @@ def _write_runs(frame, ref, n, arena, at):
             inside = False
 
 
-@numba.njit(cache=True, nogil=True)
-def _copy(dst, src, src_at):
-    for j in range(dst.shape[0]):
-        dst[j] = src[src_at + j]
+@intrinsic
+def _memcpy(typingctx, dst, dst_at, src, src_at, count):
+    """Copy `count` items from src[src_at:] to dst[dst_at:] (1-d arrays) with LLVM's memcpy."""
+    # numba's own slice copies move an element at a time, several times slower than memcpy
+    signature = types.void(dst, types.intp, src, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        dst_value, dst_at_value, src_value, src_at_value, count_value = args
+        dst_array = context.make_array(sig.args[0])(context, builder, dst_value)
+        src_array = context.make_array(sig.args[2])(context, builder, src_value)
+        itemsize = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
+        cgutils.raw_memcpy(builder, builder.gep(dst_array.data, [dst_at_value]),
+                           builder.gep(src_array.data, [src_at_value]), count_value, itemsize)
+        return context.get_dummy_value()
+
+    return signature, codegen
 
 
 @numba.njit(cache=True, nogil=True)
-def _apply_runs(dst, slot, offsets, num_runs, arena):
+def _apply_runs(dst, dst_at, slot, offsets, num_runs, arena):
     n = num_runs[slot]
     at = offsets[slot]
-    v = at + n
+    values = at + n
     for r in range(n):
-        start = np.int64(arena[at + r] & 0xFFFF)
-        for j in range(np.int64(arena[at + r] >> 16)):
-            dst[start + j] = arena[v]
-            v += 1
+        length = np.int64(arena[at + r] >> 16)
+        _memcpy(dst, dst_at + np.int64(arena[at + r] & 0xFFFF), arena, values, length)
+        values += length
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode(ids, slots, offsets, num_runs, ref_dist, arena, out):
-    scratch = np.empty(out.shape[1], np.uint32)
-    # Consecutive ids of a sampled stack share their key frame: decode it once and remember
-    # where it is (a row of `out`, or `scratch` when the row is -1).
+def _decode(ids, order, slots, offsets, num_runs, ref_dist, arena, words, out):
+    # `order` visits ids sorted, so the frames of a stack come together and share their key
+    # frame: it is decoded once, and found again at `cached_at` in `out` (or in `scratch` at -1).
+    scratch = np.empty(words, np.uint32)
     cached_id = -1
-    cached_row = -1
-    for i in range(ids.shape[0]):
+    cached_at = -1
+    for k in range(ids.shape[0]):
+        i = order[k]
         fid = ids[i]
         s = fid % slots
+        at = i * words
         if num_runs[s] < 0:
-            _copy(out[i], arena, offsets[s])
+            _memcpy(out, at, arena, offsets[s], words)
             continue
         rid = fid - ref_dist[s]
         rs = rid % slots
         if num_runs[rs] < 0:
-            _copy(out[i], arena, offsets[rs])
-            _apply_runs(out[i], s, offsets, num_runs, arena)
-            cached_id, cached_row = fid, i
+            _memcpy(out, at, arena, offsets[rs], words)
+            _apply_runs(out, at, s, offsets, num_runs, arena)
+            cached_id, cached_at = fid, at
             continue
         if rid != cached_id:
-            _copy(scratch, arena, offsets[(rid - ref_dist[rs]) % slots])
-            _apply_runs(scratch, rs, offsets, num_runs, arena)
-            cached_id, cached_row = rid, -1
-        if cached_row < 0:
-            _copy(out[i], scratch, 0)
+            _memcpy(scratch, 0, arena, offsets[(rid - ref_dist[rs]) % slots], words)
+            _apply_runs(scratch, 0, rs, offsets, num_runs, arena)
+            cached_id, cached_at = rid, -1
+        if cached_at < 0:
+            _memcpy(out, at, scratch, 0, words)
         else:
-            _copy(out[i], out[cached_row], 0)
-        _apply_runs(out[i], s, offsets, num_runs, arena)
+            _memcpy(out, at, out, cached_at, words)
+        _apply_runs(out, at, s, offsets, num_runs, arena)
 
 
 class DiffFrames:
@@ -227,7 +245,8 @@ class DiffFrames:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         in_place = self.frame_size % 4 == 0 and out.flags.c_contiguous
         words = out.view(np.uint32) if in_place else np.empty((len(ids), self._words), dtype=np.uint32)
-        _decode(ids, self._slots, self._offsets, self._num_runs, self._ref_dist, self._arena, words)
+        _decode(ids, np.argsort(ids, kind="stable"), self._slots, self._offsets, self._num_runs,
+                self._ref_dist, self._arena, self._words, words.reshape(-1))
         if not in_place:
             out[:] = words.view(np.uint8)[:, :self.frame_size]
 
@@ -281,8 +300,10 @@ class DiffFrames:
 
 
 def _resident_zeros(words: int) -> np.ndarray:
-    # np.zeros maps pages lazily; writing them now makes nbytes memory that is actually resident
-    arena = np.empty(words, dtype=np.uint32)
+    """A zeroed uint32 array in its own anonymous mapping, with every page already resident."""
+    # Its own mapping goes back to the OS as soon as the arena is replaced (malloc may keep freed
+    # blocks of a few MB), and touching every page now makes nbytes memory actually resident.
+    arena = np.frombuffer(mmap.mmap(-1, 4 * words), dtype=np.uint32)
     arena.fill(0)
     return arena
 

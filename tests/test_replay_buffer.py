@@ -247,6 +247,11 @@ def test_nbytes_matches_resident_memory_growth(compression):
     # Frames like a floor-free render: a fixed gradient with a moving body, so `full` compresses.
     size, capacity = 84, 6000
     background = np.tile(np.linspace(30, 170, size).astype(np.uint8)[:, None], (1, size))
+    # load numba's compiled kernels first: that is code, once per process, not buffer storage
+    warm_up = _small_buffer(compression=compression)
+    for ts in make_episodes(np.random.default_rng(0), [6], 3, (1, 4, 4), 2):
+        warm_up.add(ts)
+    warm_up.sample()
     process = psutil.Process()
     gc.collect()
     rss_before = process.memory_info().rss
