@@ -40,6 +40,9 @@ class FrameStore(Protocol):
     @property
     def nbytes(self) -> int: ...
 
+    @property
+    def content_nbytes(self) -> int: ...
+
     def append(self, frame: np.ndarray, episode_start: bool) -> None: ...
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None: ...
@@ -56,6 +59,11 @@ class RawFrames:
     @property
     def nbytes(self) -> int:
         return self._frames.nbytes
+
+    @property
+    def content_nbytes(self) -> int:
+        """Bytes that grow with what is stored rather than with capacity: none here."""
+        return 0
 
     def append(self, frame: np.ndarray, episode_start: bool) -> None:
         """Store `frame` as the next frame id."""
@@ -198,6 +206,11 @@ class DiffFrames:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self._arena, self._offsets, self._num_runs, self._ref_dist,
                                       self._frame, self._anchor, self._key))
+
+    @property
+    def content_nbytes(self) -> int:
+        """Bytes that grow with what is stored rather than with capacity: the arena."""
+        return self._arena.nbytes
 
     @property
     def payload_bytes(self) -> int:

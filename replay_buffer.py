@@ -69,6 +69,12 @@ class ReplayBuffer:
         return self._frames.nbytes + sum(a.nbytes for a in arrays)
 
     @property
+    def bytes_per_step(self) -> float:
+        """RAM per stored step: capacity-sized arrays over capacity, content-sized storage over steps stored."""
+        content = self._frames.content_nbytes
+        return (self.nbytes - content) / self.capacity + content / max(len(self), 1)
+
+    @property
     def can_sample(self) -> bool:
         """Whether at least one complete transition is stored."""
         return self._newest_oldest_frame >= self._first_stored()
