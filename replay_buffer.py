@@ -206,7 +206,8 @@ def prefetch(buffer: ReplayBuffer, device: torch.device | str) -> Iterator[tuple
             if isinstance(batch, Exception):
                 return
 
-    threading.Thread(target=produce, daemon=True, name="replay-prefetch").start()
+    thread = threading.Thread(target=produce, daemon=True, name="replay-prefetch")
+    thread.start()
     try:
         while True:
             batch = batches.get()
@@ -214,4 +215,6 @@ def prefetch(buffer: ReplayBuffer, device: torch.device | str) -> Iterator[tuple
                 raise batch
             yield batch
     finally:
+        # Wait for the thread: one still freeing tensors while Python shuts down aborts the process.
         stop.set()
+        thread.join()

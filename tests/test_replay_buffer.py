@@ -1,6 +1,11 @@
 """The in-RAM buffer against a naive reference that stores every stack raw and loops like upstream."""
 import gc
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -242,33 +247,47 @@ def test_prefetch_yields_tensors_and_reraises_errors():
             assert not thread.is_alive()
 
 
+NBYTES_SCRIPT = """
+import gc, json, sys
+import numpy as np, psutil
+from tests.test_replay_buffer import FIRST, MID, _small_buffer, make_episodes, time_step
+from replay_buffer import ReplayBuffer
+compression = sys.argv[1]
+# load numba's compiled kernels first: that is code, once per process, not buffer storage
+warm_up = _small_buffer(compression=compression)
+for ts in make_episodes(np.random.default_rng(0), [6], 3, (1, 4, 4), 2):
+    warm_up.add(ts)
+warm_up.sample()
+# frames like a floor-free render: a fixed gradient with a moving body, so `full` compresses
+size, capacity = 84, 6000
+background = np.tile(np.linspace(30, 170, size).astype(np.uint8)[:, None], (1, size))
+process = psutil.Process()
+gc.collect()
+rss_before = process.memory_info().rss
+buf = ReplayBuffer(obs_shape=(3, size, size), action_shape=(6,), capacity=capacity, frame_stack=3,
+                   nstep=3, discount=0.99, batch_size=8, compression=compression, seed=0)
+action = np.zeros(6, np.float32)
+stack = None
+for i in range(capacity + 500):
+    frame = background.copy()
+    x = 10 + (i * 3) % 50
+    frame[30:60, x:x + 20] = 120 + i % 100
+    frame = frame[None]
+    stack = [frame] * 3 if i % 500 == 0 else stack[1:] + [frame]
+    buf.add(time_step(FIRST if i % 500 == 0 else MID, np.concatenate(stack), action))
+gc.collect()
+print(json.dumps([buf.nbytes, process.memory_info().rss - rss_before]))
+"""
+
+
 @pytest.mark.parametrize("compression", ["half", "full"])
 def test_nbytes_matches_resident_memory_growth(compression):
-    # Frames like a floor-free render: a fixed gradient with a moving body, so `full` compresses.
-    size, capacity = 84, 6000
-    background = np.tile(np.linspace(30, 170, size).astype(np.uint8)[:, None], (1, size))
-    # load numba's compiled kernels first: that is code, once per process, not buffer storage
-    warm_up = _small_buffer(compression=compression)
-    for ts in make_episodes(np.random.default_rng(0), [6], 3, (1, 4, 4), 2):
-        warm_up.add(ts)
-    warm_up.sample()
-    process = psutil.Process()
-    gc.collect()
-    rss_before = process.memory_info().rss
-    buf = ReplayBuffer(obs_shape=(3, size, size), action_shape=(6,), capacity=capacity, frame_stack=3,
-                       nstep=3, discount=0.99, batch_size=8, compression=compression, seed=0)
-    action = np.zeros(6, np.float32)
-    stack = None
-    for i in range(capacity + 500):
-        frame = background.copy()
-        x = 10 + (i * 3) % 50
-        frame[30:60, x:x + 20] = 120 + i % 100
-        frame = frame[None]
-        stack = [frame] * 3 if i % 500 == 0 else stack[1:] + [frame]
-        buf.add(time_step(FIRST if i % 500 == 0 else MID, np.concatenate(stack), action))
-    gc.collect()
-    growth = process.memory_info().rss - rss_before
-    assert abs(buf.nbytes - growth) <= 0.1 * buf.nbytes, (buf.nbytes, growth)
+    # a fresh process, so that memory other tests freed cannot hide or inflate the growth
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", NBYTES_SCRIPT, compression], cwd=root, capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(root)})
+    nbytes, growth = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(nbytes - growth) <= 0.1 * nbytes, (nbytes, growth)
 
 
 @pytest.mark.parametrize("grayscale", [True, False])

@@ -1,0 +1,146 @@
+"""Hydra config composition and short end-to-end training runs of train.py."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dm_control import suite
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG_DIR = ROOT / 'cfgs'
+DIFFICULTIES = {'easy', 'medium', 'hard'}
+MODE_DEFAULTS = {'none': (False, True), 'half': (True, False), 'full': (True, False)}
+
+
+def compose_cfg(overrides=()):
+    with initialize_config_dir(config_dir=str(CFG_DIR), version_base=None):
+        return compose(config_name='config', overrides=list(overrides))
+
+
+@pytest.mark.parametrize('mode', sorted(MODE_DEFAULTS))
+def test_config_composes_with_compression_defaults(mode):
+    cfg = compose_cfg([f'compression={mode}'])
+    grayscale, floor = MODE_DEFAULTS[mode]
+    assert cfg.compression.mode == mode
+    assert cfg.grayscale is grayscale and cfg.floor is floor
+    assert cfg.task.name == 'walker_walk'
+    assert cfg.num_train_frames == 1_100_000
+    assert cfg.agent.stddev_schedule == 'linear(1.0,0.1,100000)'
+    assert cfg.agent._target_ == 'drqv2.DrQV2Agent'
+    if mode != 'none':
+        assert dict(cfg.compression.buffer) == {}
+
+    cfg = compose_cfg([f'compression={mode}', 'grayscale=false', 'floor=true'])
+    assert cfg.grayscale is False and cfg.floor is True
+
+
+def test_default_compression_is_full():
+    assert compose_cfg().compression.mode == 'full'
+
+
+def test_task_overrides_follow_upstream():
+    cfg = compose_cfg(['task=quadruped_walk'])
+    assert (cfg.num_train_frames, cfg.nstep, cfg.batch_size) == (3_100_000, 3, 256)
+    cfg = compose_cfg(['task=humanoid_run'])
+    assert cfg.agent.lr == pytest.approx(8e-5) and cfg.agent.feature_dim == 100
+    assert cfg.agent.stddev_schedule == 'linear(1.0,0.1,2000000)'
+    assert compose_cfg(['task=cup_catch']).task.name == 'ball_in_cup_catch'
+    assert compose_cfg(['nstep=5']).nstep == 5
+
+
+@pytest.mark.parametrize('task', sorted(p.stem for p in (CFG_DIR / 'task').glob('*.yaml')
+                                        if p.stem not in DIFFICULTIES))
+def test_every_task_names_a_dmc_task(task):
+    cfg = compose_cfg([f'task={task}'])
+    assert cfg.task.name in {f'{domain}_{name}' for domain, name in suite.ALL_TASKS}
+    assert cfg.num_train_frames in (1_100_000, 3_100_000, 30_100_000)
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_logger_rewrites_csv_on_new_columns_and_trims_on_resume(tmp_path):
+    from logger import Logger
+
+    logger = Logger(tmp_path, use_tb=False)
+    for episode in (1, 2, 3):
+        if episode >= 2:  # update metrics only exist once training has started
+            logger.log('train/critic_loss', 0.5, episode * 10)
+            logger.log('train/critic_loss', 1.5, episode * 10)
+        with logger.log_and_dump_ctx(episode * 10, ty='train') as log:
+            log('episode', episode)
+            log('episode_reward', 1.5 * episode)
+    rows = read_csv(tmp_path / 'train.csv')
+    assert [r['frame'] for r in rows] == ['10', '20', '30']
+    assert rows[0]['critic_loss'] == '' and float(rows[-1]['critic_loss']) == 1.0
+
+    # A resumed run whose first dump is episode 2 replaces the rows from episode 2 on.
+    logger = Logger(tmp_path, use_tb=False)
+    with logger.log_and_dump_ctx(20, ty='train') as log:
+        log('episode', 2)
+        log('episode_reward', 7.0)
+    rows = read_csv(tmp_path / 'train.csv')
+    assert [(r['frame'], r['episode_reward']) for r in rows] == [('10', '1.5'), ('20', '7.0')]
+
+
+def run_train(run_dir, mode, num_train_frames):
+    # action_repeat=20 makes a (1000-frame) episode only 50 agent steps, so one train episode,
+    # one eval episode and a few updates fit in a few seconds on a small CPU (rendering dominates).
+    cmd = [sys.executable, 'train.py', 'task=walker_walk', f'compression={mode}',
+           f'num_train_frames={num_train_frames}', 'num_seed_frames=200', 'action_repeat=20',
+           'eval_every_frames=100000', 'num_eval_episodes=1', 'batch_size=16',
+           'replay_buffer_num_workers=1', 'save_video=true', 'save_snapshot=true', 'use_tb=true',
+           'device=cpu', f'hydra.run.dir={run_dir}']
+    # faulthandler puts every thread's Python stack into stderr if the run crashes.
+    env = {**os.environ, 'PYTHONFAULTHANDLER': '1'}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['none', 'half', 'full'])
+def test_short_training_run_and_resume(tmp_path, mode):
+    if mode != 'none' and importlib.util.find_spec('replay_buffer') is None:
+        pytest.skip('replay_buffer.py (in-RAM buffer) is not available yet')
+    run_dir = tmp_path / 'run'
+    run_train(run_dir, mode, num_train_frames=1100)
+
+    train_rows = read_csv(run_dir / 'train.csv')
+    eval_rows = read_csv(run_dir / 'eval.csv')
+    assert len(train_rows) == 1 and len(eval_rows) == 1
+    for row, keys in [(train_rows[0], ['frame', 'step', 'episode', 'episode_reward',
+                                       'episode_length', 'fps', 'total_time', 'buffer_size',
+                                       'buffer_bytes']),
+                      (eval_rows[0], ['frame', 'step', 'episode', 'episode_reward',
+                                      'episode_length', 'total_time'])]:
+        values = {k: float(row[k]) for k in keys}
+        assert all(v == v for v in values.values()), row  # no NaN
+    assert float(train_rows[0]['frame']) == 1000 and float(train_rows[0]['episode']) == 1
+    # 50 transitions (none) or 51 stored time steps incl. the reset step (in-RAM buffer)
+    assert float(train_rows[0]['buffer_size']) in (50, 51)
+    assert float(train_rows[0]['buffer_bytes']) > 0
+    assert float(train_rows[0]['fps']) > 0
+    assert (run_dir / 'eval_video' / '0.mp4').stat().st_size > 0
+    assert list((run_dir / 'tb').iterdir())
+    snapshot = torch.load(run_dir / 'snapshot.pt', weights_only=False)
+    assert (snapshot['_global_step'], snapshot['_global_episode']) == (55, 1)
+    assert not (run_dir / 'snapshot.pt.tmp').exists()
+
+    # Resume: continues at step 55, so no step-0 evaluation and no repeated first episode.
+    train_csv = (run_dir / 'train.csv').read_text()
+    eval_csv = (run_dir / 'eval.csv').read_text()
+    out = run_train(run_dir, mode, num_train_frames=1200)
+    assert 'resuming' in out and 'at step 55' in out
+    assert (run_dir / 'train.csv').read_text() == train_csv
+    assert (run_dir / 'eval.csv').read_text() == eval_csv
+    snapshot = torch.load(run_dir / 'snapshot.pt', weights_only=False)
+    assert (snapshot['_global_step'], snapshot['_global_episode']) == (60, 1)
+    assert snapshot['timer']['total_time'] > 0

@@ -1,0 +1,248 @@
+"""Train DrQ-v2 on a pixel-based DMC task with an on-disk (none) or in-RAM (half/full) replay buffer."""
+import os
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from dm_env import specs
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import envs
+import utils
+from disk_replay import ReplayBufferStorage, make_replay_loader
+from logger import Logger, TrainVideoRecorder, VideoRecorder
+
+torch.backends.cudnn.benchmark = True
+
+COMPRESSION_MODES = ('none', 'half', 'full')
+
+
+class Workspace:
+    """Owns envs, agent, replay and logger of one run and drives training and evaluation."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.work_dir = Path(HydraConfig.get().runtime.output_dir)
+        print(f'workspace: {self.work_dir}')
+        self.cfg = cfg
+        OmegaConf.save(cfg, self.work_dir / 'config.yaml', resolve=True)
+        utils.set_seed_everywhere(cfg.seed)
+        self.device = utils.resolve_device(cfg.device)
+        self.setup()
+        self.agent = hydra.utils.instantiate(
+            cfg.agent, obs_shape=self.train_env.observation_spec().shape,
+            action_shape=self.train_env.action_spec().shape, device=str(self.device))
+        self.timer = utils.Timer()
+        self._global_step = 0
+        self._global_episode = 0
+
+    def setup(self) -> None:
+        """Create logger, envs, replay and video recorders."""
+        cfg = self.cfg
+        self.logger = Logger(self.work_dir, use_tb=cfg.use_tb)
+        env_kwargs = dict(name=cfg.task.name, frame_stack=cfg.frame_stack,
+                          action_repeat=cfg.action_repeat, seed=cfg.seed,
+                          grayscale=cfg.grayscale, floor=cfg.floor)
+        self.train_env = envs.make(**env_kwargs)
+        self.eval_env = envs.make(**env_kwargs)
+        obs_spec = self.train_env.observation_spec()
+        action_spec = self.train_env.action_spec()
+
+        self.mode = cfg.compression.mode
+        if self.mode == 'none':
+            data_specs = (obs_spec, action_spec,
+                          specs.Array((1,), np.float32, 'reward'),
+                          specs.Array((1,), np.float32, 'discount'))
+            self.replay_storage = ReplayBufferStorage(data_specs, self.work_dir / 'buffer',
+                                                      max_size=cfg.replay_buffer_size)
+            self.replay_loader = make_replay_loader(
+                self.work_dir / 'buffer', cfg.replay_buffer_size, cfg.batch_size,
+                cfg.replay_buffer_num_workers, cfg.save_snapshot, cfg.nstep, cfg.discount)
+        elif self.mode in ('half', 'full'):
+            # Imported lazily so that the baseline runs without the compressed buffer.
+            from replay_buffer import ReplayBuffer
+            buffer_kwargs = (OmegaConf.to_container(cfg.compression.buffer, resolve=True)
+                             if 'buffer' in cfg.compression else {})
+            self.replay_storage = ReplayBuffer(
+                obs_shape=obs_spec.shape, action_shape=action_spec.shape,
+                capacity=cfg.replay_buffer_size, frame_stack=cfg.frame_stack, nstep=cfg.nstep,
+                discount=cfg.discount, batch_size=cfg.batch_size, compression=self.mode,
+                seed=cfg.seed, **buffer_kwargs)
+        else:
+            raise ValueError(f'unknown compression.mode {self.mode!r}; '
+                             f'expected one of {", ".join(COMPRESSION_MODES)}')
+        self._replay_iter = None
+
+        camera_id = 2 if cfg.task.name.startswith('quadruped') else 0
+        self.video_recorder = VideoRecorder(self.work_dir if cfg.save_video else None,
+                                            camera_id=camera_id)
+        self.train_video_recorder = TrainVideoRecorder(
+            self.work_dir if cfg.save_train_video else None,
+            channels=obs_spec.shape[0] // cfg.frame_stack)
+
+    @property
+    def global_step(self) -> int:
+        """Agent steps taken so far."""
+        return self._global_step
+
+    @property
+    def global_episode(self) -> int:
+        """Training episodes finished so far."""
+        return self._global_episode
+
+    @property
+    def global_frame(self) -> int:
+        """Environment frames seen so far (agent steps times action repeat)."""
+        return self.global_step * self.cfg.action_repeat
+
+    @property
+    def replay_ready(self) -> bool:
+        """Whether the replay holds at least one complete transition to sample."""
+        if self.mode == 'none':
+            # The disk loader only sees finished episodes.
+            return len(self.replay_storage) > 0
+        return self.replay_storage.can_sample
+
+    @property
+    def replay_iter(self):
+        """Batch iterator, created on first use so that loader workers start after data exists."""
+        if self._replay_iter is None:
+            if self.mode == 'none':
+                self._replay_iter = iter(self.replay_loader)
+            else:
+                from replay_buffer import prefetch
+                self._replay_iter = prefetch(self.replay_storage, self.device)
+        return self._replay_iter
+
+    def eval(self) -> None:
+        """Run num_eval_episodes with the policy mean and log the average return."""
+        if self.cfg.num_eval_episodes < 1:
+            return
+        step, episode, total_reward = 0, 0, 0.0
+        eval_until_episode = utils.Until(self.cfg.num_eval_episodes)
+        while eval_until_episode(episode):
+            time_step = self.eval_env.reset()
+            self.video_recorder.init(self.eval_env, enabled=(episode == 0))
+            while not time_step.last():
+                with torch.no_grad(), utils.eval_mode(self.agent):
+                    action = self.agent.act(time_step.observation, self.global_step, eval_mode=True)
+                time_step = self.eval_env.step(action)
+                self.video_recorder.record(self.eval_env)
+                total_reward += float(time_step.reward)
+                step += 1
+            episode += 1
+            self.video_recorder.save(f'{self.global_frame}.mp4')
+
+        with self.logger.log_and_dump_ctx(self.global_frame, ty='eval') as log:
+            log('episode_reward', total_reward / episode)
+            log('episode_length', step * self.cfg.action_repeat / episode)
+            log('episode', self.global_episode)
+            log('step', self.global_step)
+            log('total_time', self.timer.total_time())
+
+    def train(self) -> None:
+        """Collect experience and update the agent until num_train_frames."""
+        cfg = self.cfg
+        train_until_step = utils.Until(cfg.num_train_frames, cfg.action_repeat)
+        seed_until_step = utils.Until(cfg.num_seed_frames, cfg.action_repeat)
+        eval_every_step = utils.Every(cfg.eval_every_frames, cfg.action_repeat)
+
+        episode_step, episode_reward = 0, 0.0
+        time_step = self.train_env.reset()
+        self.replay_storage.add(time_step)
+        self.train_video_recorder.init(time_step.observation)
+        while train_until_step(self.global_step):
+            if time_step.last():
+                self._global_episode += 1
+                self.train_video_recorder.save(f'{self.global_frame}.mp4')
+                elapsed_time, total_time = self.timer.reset()
+                episode_frame = episode_step * cfg.action_repeat
+                with self.logger.log_and_dump_ctx(self.global_frame, ty='train') as log:
+                    log('fps', episode_frame / elapsed_time)
+                    log('total_time', total_time)
+                    log('episode_reward', episode_reward)
+                    log('episode_length', episode_frame)
+                    log('episode', self.global_episode)
+                    log('buffer_size', len(self.replay_storage))
+                    log('buffer_bytes', self.replay_storage.nbytes)
+                    log('buffer_bytes_per_step', self.replay_storage.bytes_per_step)
+                    log('step', self.global_step)
+
+                time_step = self.train_env.reset()
+                self.replay_storage.add(time_step)
+                self.train_video_recorder.init(time_step.observation)
+                if cfg.save_snapshot:
+                    self.save_snapshot()
+                episode_step, episode_reward = 0, 0.0
+
+            if eval_every_step(self.global_step):
+                self.eval()
+
+            with torch.no_grad(), utils.eval_mode(self.agent):
+                action = self.agent.act(time_step.observation, self.global_step, eval_mode=False)
+
+            # Seed frames only collect data; the agent explores uniformly for num_expl_steps anyway.
+            if not seed_until_step(self.global_step) and self.replay_ready:
+                metrics = self.agent.update(self.replay_iter, self.global_step)
+                self.logger.log_metrics(metrics, self.global_frame, ty='train')
+
+            time_step = self.train_env.step(action)
+            episode_reward += float(time_step.reward)
+            self.replay_storage.add(time_step)
+            self.train_video_recorder.record(time_step.observation)
+            episode_step += 1
+            self._global_step += 1
+
+        if cfg.save_snapshot:
+            self.save_snapshot()
+
+    def save_snapshot(self) -> None:
+        """Atomically write agent, timer and counters to snapshot.pt."""
+        snapshot = self.work_dir / 'snapshot.pt'
+        tmp = self.work_dir / 'snapshot.pt.tmp'
+        payload = {'agent': self.agent, 'timer': self.timer.state_dict(),
+                   '_global_step': self._global_step, '_global_episode': self._global_episode}
+        with tmp.open('wb') as f:
+            torch.save(payload, f)
+        # A crash mid-write must never leave a truncated snapshot.pt behind.
+        os.replace(tmp, snapshot)
+
+    def load_snapshot(self) -> None:
+        """Restore agent, timer and counters from snapshot.pt."""
+        snapshot = self.work_dir / 'snapshot.pt'
+        with snapshot.open('rb') as f:
+            payload = torch.load(f, map_location=self.device, weights_only=False)
+        self.agent = payload['agent']
+        self.timer.load_state_dict(payload['timer'])
+        self._global_step = payload['_global_step']
+        self._global_episode = payload['_global_episode']
+
+    def close(self) -> None:
+        """Stop replay workers/threads and flush logs (matters for multirun in one process)."""
+        # The in-RAM prefetcher is a generator whose close() stops its sampling thread; dropping
+        # the DataLoader iterator shuts its workers down.
+        close = getattr(self._replay_iter, 'close', None)
+        if close is not None:
+            close()
+        self._replay_iter = None
+        self.logger.close()
+
+
+@hydra.main(config_path='cfgs', config_name='config', version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Build the workspace, resume from snapshot.pt if the run dir has one, and train."""
+    workspace = Workspace(cfg)
+    snapshot = workspace.work_dir / 'snapshot.pt'
+    if snapshot.exists():
+        workspace.load_snapshot()
+        print(f'resuming from {snapshot} at step {workspace.global_step} '
+              f'(episode {workspace.global_episode})')
+    try:
+        workspace.train()
+    finally:
+        workspace.close()
+
+
+if __name__ == '__main__':
+    main()
