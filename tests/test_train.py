@@ -1,6 +1,5 @@
 """Hydra config composition and short end-to-end training runs of train.py."""
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -108,8 +107,6 @@ def run_train(run_dir, mode, num_train_frames):
 @pytest.mark.slow
 @pytest.mark.parametrize('mode', ['none', 'half', 'full'])
 def test_short_training_run_and_resume(tmp_path, mode):
-    if mode != 'none' and importlib.util.find_spec('replay_buffer') is None:
-        pytest.skip('replay_buffer.py (in-RAM buffer) is not available yet')
     run_dir = tmp_path / 'run'
     run_train(run_dir, mode, num_train_frames=1100)
 
