@@ -87,26 +87,103 @@ def test_full_is_smaller_than_raw_on_similar_frames_and_reuses_its_arena():
 def test_full_rejects_bad_settings():
     with pytest.raises(ValueError, match="key_interval"):
         DiffFrames(10, (1, 8, 8), key_interval=0, anchor_interval=4)
-    with pytest.raises(ValueError, match="too large"):
-        DiffFrames(10, (3, 512, 512), key_interval=3, anchor_interval=4)
     with pytest.raises(ValueError, match="unknown compression"):
         make_frame_store("zip", 10, (1, 8, 8), 3, 4)
 
 
 @settings(max_examples=200, deadline=None)
-@given(words=st.integers(1, 3), pattern=st.lists(st.integers(0, 3), min_size=50, max_size=300),
+@given(size=st.integers(1, 12), pattern=st.lists(st.integers(0, 12), min_size=50, max_size=300),
        capacity=st.integers(1, 12), key_interval=st.integers(1, 3), anchor_interval=st.integers(1, 6))
-def test_full_arena_boundaries_with_tiny_frames(words, pattern, capacity, key_interval, anchor_interval):
-    # Payloads of 1-3 words make the arena wrap and fill to the exact word often.
-    store = DiffFrames(capacity, (1, 1, 4 * words), key_interval, anchor_interval)
+def test_full_arena_boundaries_with_tiny_frames(size, pattern, capacity, key_interval, anchor_interval):
+    # Payloads of a few bytes make the arena wrap and fill to the exact byte often.
+    store = DiffFrames(capacity, (1, 1, size), key_interval, anchor_interval)
     frames = []
-    frame = np.zeros(4 * words, dtype=np.uint8)
+    frame = np.zeros(size, dtype=np.uint8)
     for i, change in enumerate(pattern):
         frame = frame.copy()
         frame[:change] += 1 + i % 7
         frames.append(frame)
-        store.append(frame.reshape(1, 1, -1), episode_start=change == 3)
+        store.append(frame.reshape(1, 1, -1), episode_start=change == 12)
         ids = np.arange(max(0, i + 1 - capacity), i + 1)
         out = np.empty((len(ids), frame.size), dtype=np.uint8)
         store.decode(ids, out)
         np.testing.assert_array_equal(out, np.stack(frames)[ids])
+
+
+def naive_encoded_size(frame: np.ndarray, ref: np.ndarray) -> int:
+    """Bytes of the documented run format, computed pixel by pixel: 2 per (skip, length) pair plus run bytes."""
+    changed = [i for i in range(frame.size) if frame[i] != ref[i]]
+    runs = []
+    for i in changed:
+        if runs and i - runs[-1][1] <= 2:  # at most two equal bytes in between: same run
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    size, end = 0, 0
+    for start, stop in runs:
+        skip, length = start - end, stop - start
+        pairs = max(0, -(-(skip - 255) // 255)) + -(-length // 255)
+        size += 2 * pairs + length
+        end = stop
+    return size
+
+
+@st.composite
+def segment_frames(draw):
+    """A reference frame and a frame that differs from it in segments of any length, incl. > 255."""
+    size = draw(st.integers(1, 1500))
+    ref = np.frombuffer(draw(st.binary(min_size=size, max_size=size)), dtype=np.uint8)
+    frame = ref.copy()
+    at = 0
+    while at < size:
+        at += draw(st.sampled_from([0, 1, 2, 3, 254, 255, 256, 511]))
+        length = draw(st.sampled_from([1, 2, 255, 256, 600]))
+        frame[at:at + length] += np.uint8(draw(st.integers(1, 255)))
+        at += length
+    return ref, frame
+
+
+@settings(max_examples=300, deadline=None)
+@given(pair=segment_frames())
+def test_full_run_encoding_roundtrips_and_has_the_documented_size(pair):
+    ref, frame = pair
+    store = DiffFrames(2, (1, 1, ref.size), key_interval=1, anchor_interval=2)
+    store.append(ref, episode_start=True)
+    before = store.payload_bytes
+    store.append(frame, episode_start=False)
+    out = np.empty((2, ref.size), dtype=np.uint8)
+    store.decode(np.array([1, 0]), out)
+    np.testing.assert_array_equal(out, np.stack([frame, ref]))
+    # stored as runs when that is smaller than the frame, raw otherwise
+    assert store.payload_bytes - before == min(naive_encoded_size(frame, ref), ref.size) or (
+        naive_encoded_size(frame, ref) == 0 and store.payload_bytes - before == 1)
+
+
+def test_full_fallbacks_frame_differing_everywhere_and_all_black_frames():
+    rng = np.random.default_rng(0)
+    sky = moving_blob_frames(1)[0]
+    inverted = 255 - sky  # differs in every byte: stored raw
+    black = np.zeros_like(sky)
+    frames = np.stack([sky, inverted, black, black, sky, black, inverted, sky])
+    store = DiffFrames(len(frames), sky.shape, key_interval=2, anchor_interval=5)
+    for i, frame in enumerate(frames):
+        store.append(frame, episode_start=i == 0)
+    ids = rng.permutation(np.repeat(np.arange(len(frames)), 2))
+    out = np.empty((len(ids), sky.size), dtype=np.uint8)
+    store.decode(ids, out)
+    np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))
+    assert store._num_runs[1] == -1  # the inverted frame fell back to raw
+    assert store._num_runs[3] == 0   # black after black: no runs at all
+
+
+def test_full_frames_decode_after_their_key_and_anchor_left_the_ring():
+    frames = moving_blob_frames(60)
+    capacity = 3  # far fewer frames kept than the key (8) and anchor (40) intervals span
+    store = DiffFrames(capacity, frames.shape[1:], key_interval=8, anchor_interval=40)
+    for i, frame in enumerate(frames):
+        store.append(frame, episode_start=i == 0)
+        if i >= capacity:
+            ids = np.arange(i + 1 - capacity, i + 1)
+            out = np.empty((capacity, frames[0].size), dtype=np.uint8)
+            store.decode(ids, out)
+            np.testing.assert_array_equal(out, frames[ids].reshape(capacity, -1))
