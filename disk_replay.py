@@ -89,8 +89,26 @@ class ReplayBufferStorage:
             self._current_episode = defaultdict(list)
             self._store_episode(episode)
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Counters of the stored episodes (the episodes themselves stay in replay_dir)."""
+        return {'episode_lens': np.array(self._episode_lens, dtype=np.int64),
+                'next_idx': np.array(self._next_idx, dtype=np.int64)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Continue from state_dict's counters; episode files written after it are deleted."""
+        episode_lens, next_idx = np.asarray(state['episode_lens']), int(state['next_idx'])
+        if episode_lens.shape != (next_idx,):
+            raise ValueError(f'saved storage lists {episode_lens.shape} episode lengths for {next_idx} episodes')
+        # The resumed run collects these episodes again; kept, they would be sampled twice.
+        for fn in self._replay_dir.glob('*.npz'):
+            if _parse_fn(fn)[0] >= next_idx:
+                fn.unlink()
+        self._episode_lens = episode_lens.tolist()
+        self._num_transitions = sum(self._episode_lens)
+        self._next_idx = next_idx
+
     def _preload(self) -> None:
-        # Resuming in a run dir: count the episodes that are still on disk.
+        # A run dir that already holds episodes (upstream resumes this way): count them.
         parsed = sorted(_parse_fn(fn) for fn in self._replay_dir.glob('*.npz'))
         self._episode_lens = [eps_len for _, eps_len in parsed]
         self._num_transitions = sum(self._episode_lens)

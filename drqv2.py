@@ -98,6 +98,8 @@ class Critic(nn.Module):
 class DrQV2Agent:
     """DrQ-v2: n-step DDPG with clipped double Q, augmented pixels and a scheduled exploration std."""
 
+    _PARTS = ('encoder', 'actor', 'critic', 'critic_target', 'encoder_opt', 'actor_opt', 'critic_opt')
+
     def __init__(self, obs_shape: Sequence[int], action_shape: Sequence[int],
                  device: Union[str, torch.device], lr: float, feature_dim: int, hidden_dim: int,
                  critic_target_tau: float, num_expl_steps: int, update_every_steps: int,
@@ -124,6 +126,15 @@ class DrQV2Agent:
         self.aug = RandomShiftsAug(pad=4)
         self.train()
         self.critic_target.train()
+
+    def state_dict(self) -> dict:
+        """Parameters and optimizer states of every learned part (tensors and plain values only)."""
+        return {name: getattr(self, name).state_dict() for name in self._PARTS}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict saved into an agent built with the same shapes."""
+        for name in self._PARTS:
+            getattr(self, name).load_state_dict(state[name])
 
     def train(self, training: bool = True) -> None:
         """Set train/eval mode of the learned modules (used by utils.eval_mode)."""

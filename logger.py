@@ -1,6 +1,7 @@
 """CSV / console / TensorBoard logging and evaluation videos."""
 import csv
 import datetime
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -42,11 +43,19 @@ class AverageMeter:
 class MetersGroup:
     """Meters for one prefix ('train' or 'eval'), dumped as one CSV row plus one console line."""
 
-    def __init__(self, csv_file_name: Path, formating: list) -> None:
+    def __init__(self, csv_file_name: Path, formating: list, keep_rows: Optional[int] = None) -> None:
+        """A fresh CSV, or (keep_rows given) the existing one continued after its first keep_rows rows."""
         self._csv_file_name = csv_file_name
         self._formating = formating
         self._meters = defaultdict(AverageMeter)
         self._fieldnames: Optional[list] = None
+        self.rows = 0
+        if keep_rows is not None and csv_file_name.exists():
+            fieldnames, rows = self._read_rows()
+            self._fieldnames = fieldnames or None
+            self.rows = min(keep_rows, len(rows))
+            if len(rows) > self.rows:  # logged after the snapshot; the resumed run logs them again
+                self._write_rows(fieldnames, rows[:self.rows])
 
     def log(self, key: str, value: float, n: int = 1) -> None:
         """Add a value to the meter called key."""
@@ -65,30 +74,24 @@ class MetersGroup:
             return list(reader.fieldnames or []), list(reader)
 
     def _write_rows(self, fieldnames: list, rows: list) -> None:
+        # Replaced atomically: a kill while rewriting must not lose the rows already logged.
+        tmp = self._csv_file_name.with_name(self._csv_file_name.name + '.tmp')
         # Missing values (e.g. losses before updates start) are left empty, not faked as zeros.
-        with self._csv_file_name.open('w', newline='') as f:
+        with tmp.open('w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=fieldnames, restval='')
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, self._csv_file_name)
 
     def _dump_to_csv(self, data: dict) -> None:
-        if self._fieldnames is None:
-            # First dump of this process: drop rows from after the snapshot we resumed from
-            # (they are about to be logged again); rows from a fresh run are all dropped.
-            rows = []
-            fieldnames = []
-            if self._csv_file_name.exists():
-                fieldnames, old_rows = self._read_rows()
-                rows = [r for r in old_rows if float(r['episode']) < data['episode']]
-            self._fieldnames = sorted(set(fieldnames) | set(data))
-            self._write_rows(self._fieldnames, rows)
-        elif not set(data) <= set(self._fieldnames):
-            # A new column appeared: rewrite the whole file so every row shares one header.
-            _, rows = self._read_rows()
-            self._fieldnames = sorted(set(self._fieldnames) | set(data))
+        if self._fieldnames is None or not set(data) <= set(self._fieldnames):
+            # A new file, or a new column: rewrite it so that every row shares one header.
+            rows = self._read_rows()[1] if self._fieldnames is not None else []
+            self._fieldnames = sorted(set(self._fieldnames or ()) | set(data))
             self._write_rows(self._fieldnames, rows)
         with self._csv_file_name.open('a', newline='') as f:
             csv.DictWriter(f, fieldnames=self._fieldnames, restval='').writerow(data)
+        self.rows += 1
 
     @staticmethod
     def _format(key: str, value: float, ty: str) -> str:
@@ -122,14 +125,23 @@ class MetersGroup:
 class Logger:
     """Routes 'train/...' and 'eval/...' scalars to CSV files, the console and optionally TensorBoard."""
 
-    def __init__(self, log_dir: Union[str, Path], use_tb: bool) -> None:
+    def __init__(self, log_dir: Union[str, Path], use_tb: bool, state: Optional[dict] = None) -> None:
+        """Start fresh logs, or continue those that `state` (from state_dict) describes."""
         self._log_dir = Path(log_dir)
-        self._train_mg = MetersGroup(self._log_dir / 'train.csv', COMMON_TRAIN_FORMAT)
-        self._eval_mg = MetersGroup(self._log_dir / 'eval.csv', COMMON_EVAL_FORMAT)
+        state = state or {}
+        self._train_mg = MetersGroup(self._log_dir / 'train.csv', COMMON_TRAIN_FORMAT, state.get('train_rows'))
+        self._eval_mg = MetersGroup(self._log_dir / 'eval.csv', COMMON_EVAL_FORMAT, state.get('eval_rows'))
+        self._step = state.get('step', 0)
         self._sw = None
         if use_tb:
             from torch.utils.tensorboard import SummaryWriter
-            self._sw = SummaryWriter(str(self._log_dir / 'tb'))
+            # purge_step hides the events a killed run wrote after its snapshot.
+            purge_step = self._step + 1 if state else None
+            self._sw = SummaryWriter(str(self._log_dir / 'tb'), purge_step=purge_step)
+
+    def state_dict(self) -> dict:
+        """Rows written so far and the last step logged, to continue the logs after a resume."""
+        return {'train_rows': self._train_mg.rows, 'eval_rows': self._eval_mg.rows, 'step': self._step}
 
     def log(self, key: str, value: Any, step: int) -> None:
         """Record value under key ('train/<name>' or 'eval/<name>') at frame step."""
@@ -137,6 +149,7 @@ class Logger:
         if isinstance(value, torch.Tensor):
             value = value.item()
         value = float(value)
+        self._step = max(self._step, step)
         if self._sw is not None:
             self._sw.add_scalar(key, value, step)
         mg = self._train_mg if key.startswith('train/') else self._eval_mg

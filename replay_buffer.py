@@ -12,6 +12,7 @@ of both stacks is still stored; transitions are drawn uniformly over the valid o
 """
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from typing import Iterator
@@ -119,6 +120,45 @@ class ReplayBuffer:
                 self._newest_oldest_frame = max(step - self.nstep + 1 - self.frame_stack, self._current_start)
             self._total = step + 1
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Plain numeric arrays (views, not copies) that restore contents and sampler via load_state_dict."""
+        with self._lock:  # the prefetch thread advances the generator while it samples
+            state = {f"frames.{key}": np.asarray(value) for key, value in self._frames.state_dict().items()}
+            for name in self._saved_arrays(len(self)):
+                state[name] = getattr(self, f"_{name}")[:len(self)]
+            state.update(last_obs=self._last_obs, config=_json_array(self._config()),
+                         generator=_json_array(self._rng.bit_generator.state),
+                         counters=np.array([self._total, self._current_start, self._episode_open,
+                                            self._newest_oldest_frame], dtype=np.int64))
+            return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what state_dict saved into a buffer of the same configuration; ValueError leaves it unchanged."""
+        missing = {"config", "generator", "counters", "last_obs", *self._saved_arrays(0)} - set(state)
+        if missing:
+            raise ValueError(f"saved buffer state lacks {sorted(missing)}")
+        saved = json.loads(bytes(state["config"]).decode())
+        if saved != self._config():
+            raise ValueError(f"saved buffer has configuration {saved}, this buffer {self._config()}; "
+                             "load it into a buffer built with the same settings")
+        total, current_start, episode_open, newest_oldest_frame = (int(x) for x in state["counters"])
+        expected = {**self._saved_arrays(min(total, self.capacity)), "last_obs": (self.obs_shape, np.uint8)}
+        for name, (shape, dtype) in expected.items():
+            array = np.asarray(state[name])
+            if array.shape != shape or array.dtype != dtype:
+                raise ValueError(f"saved {name} has shape {array.shape} and dtype {array.dtype}; "
+                                 f"expected {shape} {np.dtype(dtype)}")
+        generator = np.random.default_rng()
+        generator.bit_generator.state = json.loads(bytes(state["generator"]).decode())
+        with self._lock:
+            self._frames.load_state_dict({key.removeprefix("frames."): value for key, value in state.items()
+                                          if key.startswith("frames.")})
+            for name in expected:
+                getattr(self, f"_{name}")[:len(state[name])] = state[name]
+            self._total, self._current_start = total, current_start
+            self._episode_open, self._newest_oldest_frame = bool(episode_open), newest_oldest_frame
+            self._rng = generator
+
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Draw batch_size transitions: (obs, action, reward (B,1), discount (B,1), next_obs) as numpy."""
         with self._lock:
@@ -153,6 +193,15 @@ class ReplayBuffer:
     def __next__(self) -> tuple[np.ndarray, ...]:
         return self.sample()
 
+    def _saved_arrays(self, stored: int) -> dict[str, tuple[tuple[int, ...], type]]:
+        """Shape and dtype of the per-step arrays state_dict saves when `stored` steps are held."""
+        return {"action": ((stored, *self.action_shape), np.float32), "reward": ((stored,), np.float32),
+                "step_discount": ((stored,), np.float32), "episode_start": ((stored,), np.int64)}
+
+    def _config(self) -> dict:
+        return dict(obs_shape=list(self.obs_shape), action_shape=list(self.action_shape), capacity=self.capacity,
+                    frame_stack=self.frame_stack, nstep=self.nstep, compression=self.compression)
+
     def _first_stored(self) -> int:
         return max(self._total - self.capacity, 0)
 
@@ -181,6 +230,12 @@ class ReplayBuffer:
         every = np.arange(low, high)
         chosen.append(self._rng.choice(every[self._valid(every)], size=count))
         return np.concatenate(chosen)
+
+
+def _json_array(value: object) -> np.ndarray:
+    """A JSON-serialisable value as a uint8 array, so that a state dict holds numeric arrays only."""
+    # a bytearray, unlike bytes, gives a writable array, which torch.from_numpy expects
+    return np.frombuffer(bytearray(json.dumps(value).encode()), dtype=np.uint8)
 
 
 def prefetch(buffer: ReplayBuffer, device: torch.device | str) -> Iterator[tuple[torch.Tensor, ...]]:

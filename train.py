@@ -1,6 +1,6 @@
 """Train DrQ-v2 on a pixel-based DMC task with an on-disk (none) or in-RAM (half/full) replay buffer."""
-import os
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import numpy as np
@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import envs
+import snapshot
 import utils
 from disk_replay import ReplayBufferStorage, make_replay_loader
 from logger import Logger, TrainVideoRecorder, VideoRecorder
@@ -17,6 +18,37 @@ from logger import Logger, TrainVideoRecorder, VideoRecorder
 torch.backends.cudnn.benchmark = True
 
 COMPRESSION_MODES = ('none', 'half', 'full')
+POSITIVE_INTS = ('frame_stack', 'action_repeat', 'nstep', 'batch_size', 'snapshot_every_frames')
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ValueError naming every bad setting and what is allowed, before anything is built."""
+    problems = []
+    if cfg.compression.mode not in COMPRESSION_MODES:
+        problems.append(f'compression.mode={cfg.compression.mode!r} is unknown; '
+                        f'allowed: {", ".join(COMPRESSION_MODES)}')
+    bad_ints = [key for key in POSITIVE_INTS
+                if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1]
+    problems += [f'{key}={cfg[key]!r} is invalid; allowed: an integer >= 1' for key in bad_ints]
+    if not {'frame_stack', 'nstep'} & set(bad_ints):
+        needed = cfg.frame_stack + cfg.nstep
+        if not isinstance(cfg.replay_buffer_size, int) or cfg.replay_buffer_size < needed:
+            problems.append(f'replay_buffer_size={cfg.replay_buffer_size!r} is too small; allowed: an integer '
+                            f'>= frame_stack + nstep = {needed}')
+    try:
+        envs.check_task(cfg.task.name, floor=cfg.floor)
+    except ValueError as error:
+        problems.append(f'task.name={cfg.task.name!r}: {error}')
+    if problems:
+        raise ValueError('invalid configuration:\n  ' + '\n  '.join(problems))
+
+
+def buffer_kwargs(cfg: DictConfig) -> dict:
+    """ReplayBuffer arguments set by the compression group: full's intervals and compression.buffer."""
+    kwargs = {key: cfg.compression[key] for key in ('key_interval', 'anchor_interval') if key in cfg.compression}
+    if 'buffer' in cfg.compression:
+        kwargs.update(OmegaConf.to_container(cfg.compression.buffer, resolve=True))
+    return kwargs
 
 
 class Workspace:
@@ -26,21 +58,27 @@ class Workspace:
         self.work_dir = Path(HydraConfig.get().runtime.output_dir)
         print(f'workspace: {self.work_dir}')
         self.cfg = cfg
+        self.snapshot_path = self.work_dir / 'snapshot.pt'
+        # Read and check a snapshot before building anything: a bad one must stop the run at once.
+        resumed = snapshot.load(self.snapshot_path, cfg) if self.snapshot_path.exists() else None
         OmegaConf.save(cfg, self.work_dir / 'config.yaml', resolve=True)
         utils.set_seed_everywhere(cfg.seed)
         self.device = utils.resolve_device(cfg.device)
-        self.setup()
+        self.setup(resumed['logger'] if resumed else None)
         self.agent = hydra.utils.instantiate(
             cfg.agent, obs_shape=self.train_env.observation_spec().shape,
             action_shape=self.train_env.action_spec().shape, device=str(self.device))
         self.timer = utils.Timer()
         self._global_step = 0
         self._global_episode = 0
+        self._snapshot_frame = 0
+        if resumed:
+            self.restore(resumed)
 
-    def setup(self) -> None:
-        """Create logger, envs, replay and video recorders."""
+    def setup(self, logger_state: Optional[dict] = None) -> None:
+        """Create logger (continuing logger_state's logs if given), envs, replay and video recorders."""
         cfg = self.cfg
-        self.logger = Logger(self.work_dir, use_tb=cfg.use_tb)
+        self.logger = Logger(self.work_dir, use_tb=cfg.use_tb, state=logger_state)
         env_kwargs = dict(name=cfg.task.name, frame_stack=cfg.frame_stack,
                           action_repeat=cfg.action_repeat, seed=cfg.seed,
                           grayscale=cfg.grayscale, floor=cfg.floor)
@@ -59,19 +97,14 @@ class Workspace:
             self.replay_loader = make_replay_loader(
                 self.work_dir / 'buffer', cfg.replay_buffer_size, cfg.batch_size,
                 cfg.replay_buffer_num_workers, cfg.save_snapshot, cfg.nstep, cfg.discount)
-        elif self.mode in ('half', 'full'):
+        else:
             # Imported lazily so that the baseline runs without the compressed buffer.
             from replay_buffer import ReplayBuffer
-            buffer_kwargs = (OmegaConf.to_container(cfg.compression.buffer, resolve=True)
-                             if 'buffer' in cfg.compression else {})
             self.replay_storage = ReplayBuffer(
                 obs_shape=obs_spec.shape, action_shape=action_spec.shape,
                 capacity=cfg.replay_buffer_size, frame_stack=cfg.frame_stack, nstep=cfg.nstep,
                 discount=cfg.discount, batch_size=cfg.batch_size, compression=self.mode,
-                seed=cfg.seed, **buffer_kwargs)
-        else:
-            raise ValueError(f'unknown compression.mode {self.mode!r}; '
-                             f'expected one of {", ".join(COMPRESSION_MODES)}')
+                seed=cfg.seed, **buffer_kwargs(cfg))
         self._replay_iter = None
 
         camera_id = 2 if cfg.task.name.startswith('quadruped') else 0
@@ -148,6 +181,8 @@ class Workspace:
         seed_until_step = utils.Until(cfg.num_seed_frames, cfg.action_repeat)
         eval_every_step = utils.Every(cfg.eval_every_frames, cfg.action_repeat)
 
+        if not train_until_step(self.global_step):
+            return  # nothing left to train (resumed from the final snapshot)
         episode_step, episode_reward = 0, 0.0
         time_step = self.train_env.reset()
         self.replay_storage.add(time_step)
@@ -169,11 +204,12 @@ class Workspace:
                     log('buffer_bytes_per_step', self.replay_storage.bytes_per_step)
                     log('step', self.global_step)
 
+                # Between episodes the replay holds only finished ones: the resumed run starts a new one.
+                if cfg.save_snapshot and self.global_frame - self._snapshot_frame >= cfg.snapshot_every_frames:
+                    self.save_snapshot()
                 time_step = self.train_env.reset()
                 self.replay_storage.add(time_step)
                 self.train_video_recorder.init(time_step.observation)
-                if cfg.save_snapshot:
-                    self.save_snapshot()
                 episode_step, episode_reward = 0, 0.0
 
             if eval_every_step(self.global_step):
@@ -197,26 +233,31 @@ class Workspace:
         if cfg.save_snapshot:
             self.save_snapshot()
 
-    def save_snapshot(self) -> None:
-        """Atomically write agent, timer and counters to snapshot.pt."""
-        snapshot = self.work_dir / 'snapshot.pt'
-        tmp = self.work_dir / 'snapshot.pt.tmp'
-        payload = {'agent': self.agent, 'timer': self.timer.state_dict(),
-                   '_global_step': self._global_step, '_global_episode': self._global_episode}
-        with tmp.open('wb') as f:
-            torch.save(payload, f)
-        # A crash mid-write must never leave a truncated snapshot.pt behind.
-        os.replace(tmp, snapshot)
+    def _env_generators(self) -> list:
+        return [env.task.random for env in (self.train_env, self.eval_env)]
 
-    def load_snapshot(self) -> None:
-        """Restore agent, timer and counters from snapshot.pt."""
-        snapshot = self.work_dir / 'snapshot.pt'
-        with snapshot.open('rb') as f:
-            payload = torch.load(f, map_location=self.device, weights_only=False)
-        self.agent = payload['agent']
-        self.timer.load_state_dict(payload['timer'])
-        self._global_step = payload['_global_step']
-        self._global_episode = payload['_global_episode']
+    def save_snapshot(self) -> None:
+        """Atomically write agent, optimizers, counters, logs' state, RNG states and replay to snapshot.pt."""
+        snapshot.save(self.snapshot_path, self.cfg, {
+            'global_step': self._global_step, 'global_episode': self._global_episode,
+            'timer': self.timer.state_dict(), 'logger': self.logger.state_dict(),
+            'agent': self.agent.state_dict(), 'rng': snapshot.rng_state(self._env_generators()),
+            'replay': snapshot.to_tensors(self.replay_storage.state_dict())})
+        self._snapshot_frame = self.global_frame
+
+    def restore(self, state: dict) -> None:
+        """Continue from a snapshot's state (see save_snapshot); SnapshotError if it does not fit this run."""
+        try:
+            self.agent.load_state_dict(state['agent'])
+            self.replay_storage.load_state_dict(snapshot.to_arrays(state['replay']))
+            self.timer.load_state_dict(state['timer'])
+            snapshot.set_rng_state(state['rng'], self._env_generators())
+            self._global_step, self._global_episode = state['global_step'], state['global_episode']
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise snapshot.SnapshotError(f'cannot resume from {self.snapshot_path}: {error!r}') from error
+        self._snapshot_frame = self.global_frame
+        print(f'resuming from {self.snapshot_path} at frame {self.global_frame} (step {self.global_step}, '
+              f'episode {self.global_episode}) with {len(self.replay_storage)} steps in the replay buffer')
 
     def close(self) -> None:
         """Stop replay workers/threads and flush logs (matters for multirun in one process)."""
@@ -231,13 +272,9 @@ class Workspace:
 
 @hydra.main(config_path='cfgs', config_name='config', version_base=None)
 def main(cfg: DictConfig) -> None:
-    """Build the workspace, resume from snapshot.pt if the run dir has one, and train."""
+    """Check the config, build the workspace (resuming from snapshot.pt if the run dir has one), and train."""
+    validate_config(cfg)
     workspace = Workspace(cfg)
-    snapshot = workspace.work_dir / 'snapshot.pt'
-    if snapshot.exists():
-        workspace.load_snapshot()
-        print(f'resuming from {snapshot} at step {workspace.global_step} '
-              f'(episode {workspace.global_episode})')
     try:
         workspace.train()
     finally:

@@ -210,6 +210,17 @@ def _parse_name(name: str) -> tuple[str, str]:
     return _TASKS[name]
 
 
+def check_task(name: str, floor: bool = True) -> None:
+    """Raise ValueError, saying what is allowed, unless make(name, floor=floor) can build the env."""
+    domain, task = _parse_name(name)
+    if not floor:
+        try:
+            remove_floor(suite.load(domain, task).physics, domain)  # loads the model only; no rendering
+        except ValueError as error:
+            raise ValueError(f"{error}: floor=false needs a domain with a floor; "
+                             f"use floor=true for {name!r}") from error
+
+
 def make(name: str, frame_stack: int, action_repeat: int, seed: int,
          grayscale: bool = False, floor: bool = True) -> ExtendedTimeStepWrapper:
     """Builds the DrQ-v2 pixel env for `<domain>_<task>` names such as 'ball_in_cup_catch'."""

@@ -56,8 +56,24 @@ def test_storage_writes_npz_episodes(tmp_path):
     assert episode['reward'].dtype == np.float32 and episode['reward'].shape == (EPISODE_LEN + 1, 1)
     np.testing.assert_allclose(episode['reward'][:, 0], REWARDS)
     np.testing.assert_allclose(episode['discount'][:, 0], DISCOUNTS, rtol=1e-6)
-    # A new storage in the same dir (resume) counts what is already there.
+    # A new storage in the same dir without a snapshot counts what is already there, as upstream.
     assert len(ReplayBufferStorage(DATA_SPECS, tmp_path)) == EPISODE_LEN + 3
+
+
+def test_storage_state_round_trip_drops_episodes_after_the_snapshot(tmp_path):
+    storage = ReplayBufferStorage(DATA_SPECS, tmp_path)
+    add_episode(storage)
+    add_episode(storage, length=3)
+    state = storage.state_dict()
+    add_episode(storage, length=2)  # after the snapshot: written, then the run is killed
+    resumed = ReplayBufferStorage(DATA_SPECS, tmp_path)
+    resumed.load_state_dict(state)
+    assert len(resumed) == EPISODE_LEN + 3 and resumed.nbytes == (EPISODE_LEN + 3 + 2) * STEP_BYTES
+    assert sorted(f.stem.split('_', 1)[1] for f in tmp_path.glob('*.npz')) == [f'0_{EPISODE_LEN}', '1_3']
+    add_episode(resumed, length=4)  # collected again under the next index
+    assert sorted(f.stem.split('_', 1)[1] for f in tmp_path.glob('*.npz'))[-1] == '2_4'
+    with pytest.raises(ValueError, match='lists \\(2,\\) episode lengths for 3 episodes'):
+        resumed.load_state_dict({**state, 'next_idx': np.array(3)})
 
 
 @pytest.mark.parametrize('scalar_dtype', [np.float32, np.float64, float])

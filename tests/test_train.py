@@ -1,14 +1,17 @@
 """Hydra config composition and short end-to-end training runs of train.py."""
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from dm_control import suite
 from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG_DIR = ROOT / 'cfgs'
@@ -65,7 +68,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_logger_rewrites_csv_on_new_columns_and_trims_on_resume(tmp_path):
+def test_logger_rewrites_csv_on_new_columns_and_continues_after_a_snapshot(tmp_path):
     from logger import Logger
 
     logger = Logger(tmp_path, use_tb=False)
@@ -76,17 +79,82 @@ def test_logger_rewrites_csv_on_new_columns_and_trims_on_resume(tmp_path):
         with logger.log_and_dump_ctx(episode * 10, ty='train') as log:
             log('episode', episode)
             log('episode_reward', 1.5 * episode)
+        if episode == 2:
+            state = logger.state_dict()  # as a snapshot after episode 2 would save it
     rows = read_csv(tmp_path / 'train.csv')
     assert [r['frame'] for r in rows] == ['10', '20', '30']
     assert rows[0]['critic_loss'] == '' and float(rows[-1]['critic_loss']) == 1.0
+    assert state == {'train_rows': 2, 'eval_rows': 0, 'step': 20}
 
-    # A resumed run whose first dump is episode 2 replaces the rows from episode 2 on.
-    logger = Logger(tmp_path, use_tb=False)
-    with logger.log_and_dump_ctx(20, ty='train') as log:
-        log('episode', 2)
+    # Resuming drops the row logged after the snapshot and appends under the same header.
+    logger = Logger(tmp_path, use_tb=False, state=state)
+    assert [r['frame'] for r in read_csv(tmp_path / 'train.csv')] == ['10', '20']
+    with logger.log_and_dump_ctx(30, ty='train') as log:
+        log('episode', 3)
         log('episode_reward', 7.0)
-    rows = read_csv(tmp_path / 'train.csv')
-    assert [(r['frame'], r['episode_reward']) for r in rows] == [('10', '1.5'), ('20', '7.0')]
+    text = (tmp_path / 'train.csv').read_text()
+    assert text.count('episode_reward') == 1
+    assert [(r['frame'], r['episode_reward']) for r in read_csv(tmp_path / 'train.csv')] == \
+        [('10', '1.5'), ('20', '3.0'), ('30', '7.0')]
+    assert not (tmp_path / 'eval.csv').exists()
+
+    # Without a snapshot to continue, a run in the same directory starts new logs.
+    with Logger(tmp_path, use_tb=False).log_and_dump_ctx(10, ty='train') as log:
+        log('episode', 1)
+    assert [r['frame'] for r in read_csv(tmp_path / 'train.csv')] == ['10']
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['frame_stack=0'], 'frame_stack=0 is invalid; allowed: an integer >= 1'),
+    (['action_repeat=-2'], 'action_repeat=-2 is invalid; allowed: an integer >= 1'),
+    (['snapshot_every_frames=0'], 'snapshot_every_frames=0 is invalid'),
+    (['compression.mode=zip'], "compression.mode='zip' is unknown; allowed: none, half, full"),
+    (['replay_buffer_size=3'], 'replay_buffer_size=3 is too small; allowed: an integer >= frame_stack \\+ nstep = 4'),
+    (['task.name=walker_fly'], "task.name='walker_fly': Unknown task 'walker_fly'; available tasks: .*walker_walk"),
+])
+def test_bad_config_is_refused_saying_what_is_allowed(overrides, message):
+    from train import validate_config
+
+    validate_config(compose_cfg())
+    with pytest.raises(ValueError, match=message):
+        validate_config(compose_cfg(overrides))
+
+
+def test_floor_free_request_for_a_floorless_domain_is_refused(monkeypatch):
+    from dm_control import mujoco as dm_mujoco
+
+    from envs import dmc
+    from train import validate_config
+
+    # Every stock DMC domain has a floor, so stand in a model without one.
+    xml = '<mujoco><worldbody><geom type="box" size=".1 .1 .1"/></worldbody></mujoco>'
+    monkeypatch.setattr(dmc.suite, 'load', lambda domain, task: SimpleNamespace(
+        physics=dm_mujoco.Physics.from_xml_string(xml)))
+    validate_config(compose_cfg(['compression=full', 'floor=true']))
+    with pytest.raises(ValueError, match="no floor .*floor=false needs a domain with a floor; use floor=true"):
+        validate_config(compose_cfg(['compression=full']))
+
+
+@pytest.mark.parametrize('group, option', [('task', 'walker_walk'), ('compression', 'half')])
+def test_unknown_group_option_is_refused_listing_the_options(group, option):
+    with pytest.raises(MissingConfigException, match=f"(?s)Could not find '{group}/foo'.*Available.*{option}"):
+        compose_cfg([f'{group}=foo'])
+
+
+@pytest.mark.parametrize('setup, overrides, message', [
+    (None, ['frame_stack=0', 'compression.mode=zip'], "compression.mode='zip' is unknown.*\\n.*frame_stack=0"),
+    (b'PK\x03\x04 truncated', [], 'cannot resume from .*snapshot.pt: the file is truncated, corrupt'),
+])
+def test_train_stops_before_training(tmp_path, setup, overrides, message):
+    run_dir = tmp_path / 'run'
+    if setup is not None:
+        run_dir.mkdir()
+        (run_dir / 'snapshot.pt').write_bytes(setup)
+    proc = subprocess.run([sys.executable, 'train.py', *overrides, f'hydra.run.dir={run_dir}'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert re.search(message, proc.stderr), proc.stderr[-3000:]
+    assert not {'train.csv', 'eval.csv', 'buffer', 'config.yaml'} & {p.name for p in run_dir.iterdir()}
 
 
 def run_train(run_dir, mode, num_train_frames):
@@ -127,17 +195,17 @@ def test_short_training_run_and_resume(tmp_path, mode):
     assert float(train_rows[0]['fps']) > 0
     assert (run_dir / 'eval_video' / '0.mp4').stat().st_size > 0
     assert list((run_dir / 'tb').iterdir())
-    snapshot = torch.load(run_dir / 'snapshot.pt', weights_only=False)
-    assert (snapshot['_global_step'], snapshot['_global_episode']) == (55, 1)
+    snapshot = torch.load(run_dir / 'snapshot.pt', weights_only=True)
+    assert (snapshot['global_step'], snapshot['global_episode']) == (55, 1)
     assert not (run_dir / 'snapshot.pt.tmp').exists()
 
     # Resume: continues at step 55, so no step-0 evaluation and no repeated first episode.
     train_csv = (run_dir / 'train.csv').read_text()
     eval_csv = (run_dir / 'eval.csv').read_text()
     out = run_train(run_dir, mode, num_train_frames=1200)
-    assert 'resuming' in out and 'at step 55' in out
+    assert f'resuming from {run_dir / "snapshot.pt"} at frame 1100 (step 55, episode 1)' in out
     assert (run_dir / 'train.csv').read_text() == train_csv
     assert (run_dir / 'eval.csv').read_text() == eval_csv
-    snapshot = torch.load(run_dir / 'snapshot.pt', weights_only=False)
-    assert (snapshot['_global_step'], snapshot['_global_episode']) == (60, 1)
+    snapshot = torch.load(run_dir / 'snapshot.pt', weights_only=True)
+    assert (snapshot['global_step'], snapshot['global_episode']) == (60, 1)
     assert snapshot['timer']['total_time'] > 0

@@ -1,0 +1,130 @@
+"""Crash-safe run snapshots: one file, replaced atomically, read back without executing code.
+
+A snapshot is a torch zip archive holding only tensors and plain values (dicts, lists, tuples,
+str, numbers), so torch.load(weights_only=True) reads it without unpickling arbitrary objects.
+torch does not verify tensor data on load, so the CRC-32 that the zip format keeps for every
+member is checked first: a flipped byte is reported instead of silently resumed from.
+"""
+import json
+import os
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+VERSION = 1
+# Settings that shape the saved agent, replay buffer or environments; a resume may not change
+# them (training length, evaluation, logging and the like may change).
+FIXED_ON_RESUME = ('task.name', 'compression', 'grayscale', 'floor', 'frame_stack', 'action_repeat',
+                   'replay_buffer_size', 'nstep', 'discount', 'agent.feature_dim', 'agent.hidden_dim')
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be read, or that the configured run cannot continue from."""
+
+
+def run_settings(cfg: DictConfig) -> dict:
+    """The FIXED_ON_RESUME values of cfg as plain Python values."""
+    settings = {}
+    for key in FIXED_ON_RESUME:
+        value = OmegaConf.select(cfg, key)
+        settings[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+    return settings
+
+
+def save(path: Path, cfg: DictConfig, state: dict) -> None:
+    """Write state (tensors and plain values) with cfg's settings to path, atomically and durably."""
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        with tmp.open('wb') as f:
+            torch.save({'version': VERSION, 'settings': run_settings(cfg), **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        # The previous snapshot stays in place until the new one is complete on disk.
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The rename survives a power cut only once the directory entry itself is on disk.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load(path: Path, cfg: DictConfig) -> dict:
+    """Read the snapshot at path and check that cfg may continue it; SnapshotError names the file otherwise."""
+    state = _read(path)
+    if not isinstance(state, dict) or state.get('version') != VERSION:
+        version = state.get('version') if isinstance(state, dict) else None
+        raise SnapshotError(f'cannot resume from {path}: snapshot format {version!r}, this code reads '
+                            f'format {VERSION}. Start this run over in another directory.')
+    changed = [f'{key}={value!r} (snapshot: {state["settings"].get(key)!r})'
+               for key, value in run_settings(cfg).items() if state['settings'].get(key) != value]
+    if changed:
+        raise SnapshotError(f'cannot resume from {path} with {", ".join(changed)}: these settings must '
+                            'match the snapshot. Resume with its settings, or start a new run in another directory.')
+    return state
+
+
+def _read(path: Path) -> Any:
+    """The contents of a snapshot file whose checksums all match, unpickled as tensors and plain values only."""
+    advice = 'Restore a good copy, or move it away to start this run over.'
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is None:
+            # mmap: the (possibly GBs of) replay arrays are paged in while being copied, not read twice.
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as error:  # whatever fails to parse, the file cannot be trusted
+        raise SnapshotError(f'cannot resume from {path}: the file is truncated, corrupt or not a snapshot '
+                            f'({error}). {advice}') from error
+    raise SnapshotError(f'cannot resume from {path}: the file is corrupt (checksum mismatch in {damaged}). {advice}')
+
+
+def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Numpy arrays as tensors sharing their memory, so that saving makes no copy."""
+    return {key: torch.from_numpy(np.asarray(value)) for key, value in arrays.items()}
+
+
+def to_arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The inverse of to_tensors."""
+    return {key: value.numpy() for key, value in tensors.items()}
+
+
+def _legacy_state(generator: Any) -> str:
+    # np.random (the module) and RandomState share get_state; JSON keeps it a plain string.
+    state = generator.get_state(legacy=False)
+    state['state']['key'] = state['state']['key'].tolist()
+    return json.dumps(state)
+
+
+def _set_legacy_state(generator: Any, text: str) -> None:
+    state = json.loads(text)
+    state['state']['key'] = np.array(state['state']['key'], dtype=np.uint32)
+    generator.set_state(state)
+
+
+def rng_state(env_generators: list[np.random.RandomState]) -> dict:
+    """States of python's, numpy's and torch's global generators and of the given env generators."""
+    return {'python': random.getstate(), 'numpy': _legacy_state(np.random),
+            'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'envs': [_legacy_state(generator) for generator in env_generators]}
+
+
+def set_rng_state(state: dict, env_generators: list[np.random.RandomState]) -> None:
+    """Restore what rng_state saved (CUDA states only where this machine has as many GPUs)."""
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    _set_legacy_state(np.random, state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    for generator, saved in zip(env_generators, state['envs'], strict=True):
+        _set_legacy_state(generator, saved)
