@@ -30,7 +30,7 @@ class ReplayBuffer:
 
     def __init__(self, *, obs_shape: tuple[int, ...], action_shape: tuple[int, ...], capacity: int,
                  frame_stack: int, nstep: int, discount: float, batch_size: int, compression: str,
-                 seed: int | None = None, key_interval: int | None = None, anchor_interval: int = 250):
+                 seed: int | None = None, key_interval: int = 4, anchor_interval: int = 100):
         obs_shape, action_shape = tuple(obs_shape), tuple(action_shape)
         if compression not in _COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}: expected one of {_COMPRESSIONS}")
@@ -47,7 +47,7 @@ class ReplayBuffer:
         self._channels = obs_shape[0] // frame_stack
         self._frame_shape = (self._channels, *obs_shape[1:])
         self._frames = make_frame_store(compression, capacity, self._frame_shape,
-                                        key_interval or frame_stack, anchor_interval)
+                                        key_interval, anchor_interval)
         self._action = np.zeros((capacity, *action_shape), dtype=np.float32)
         self._reward = np.zeros(capacity, dtype=np.float32)
         self._step_discount = np.zeros(capacity, dtype=np.float32)

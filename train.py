@@ -35,6 +35,10 @@ def validate_config(cfg: DictConfig) -> None:
         if not isinstance(cfg.replay_buffer_size, int) or cfg.replay_buffer_size < needed:
             problems.append(f'replay_buffer_size={cfg.replay_buffer_size!r} is too small; allowed: an integer '
                             f'>= frame_stack + nstep = {needed}')
+    for key in ('key_interval', 'anchor_interval'):
+        value = cfg.compression.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f'compression.{key}={value!r} is invalid; allowed: an integer >= 1')
     try:
         envs.check_task(cfg.task.name, floor=cfg.floor)
     except ValueError as error:

@@ -110,6 +110,7 @@ def test_logger_rewrites_csv_on_new_columns_and_continues_after_a_snapshot(tmp_p
     (['snapshot_every_frames=0'], 'snapshot_every_frames=0 is invalid'),
     (['compression.mode=zip'], "compression.mode='zip' is unknown; allowed: none, half, full"),
     (['replay_buffer_size=3'], 'replay_buffer_size=3 is too small; allowed: an integer >= frame_stack \\+ nstep = 4'),
+    (['compression=full', 'compression.key_interval=0'], 'compression.key_interval=0 is invalid; allowed: an integer >= 1'),
     (['task.name=walker_fly'], "task.name='walker_fly': Unknown task 'walker_fly'; available tasks: .*walker_walk"),
 ])
 def test_bad_config_is_refused_saying_what_is_allowed(overrides, message):
