@@ -263,6 +263,8 @@ class DiffFrames:
     def append(self, frame: np.ndarray, episode_start: bool) -> None:
         """Encode and store `frame` as the next frame id."""
         frame = np.ascontiguousarray(frame).reshape(-1)
+        if frame.size != self.frame_size or frame.dtype != np.uint8:
+            raise ValueError(f"frame has {frame.size} values of dtype {frame.dtype}; expected {self.frame_size} uint8")
         self._episode_pos = 0 if episode_start or self._count == 0 else self._episode_pos + 1
         in_span = self._episode_pos % self.anchor_interval
         if in_span == 0:

@@ -18,9 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 VERSION = 1
 # Settings that shape the saved agent, replay buffer or environments; a resume may not change
-# them (training length, evaluation, logging and the like may change).
+# them (training length, evaluation, logging and the like may change). The learning rate is among
+# them because the restored optimizer state carries the saved one.
 FIXED_ON_RESUME = ('task.name', 'compression', 'grayscale', 'floor', 'frame_stack', 'action_repeat',
-                   'replay_buffer_size', 'nstep', 'discount', 'agent.feature_dim', 'agent.hidden_dim')
+                   'replay_buffer_size', 'nstep', 'discount', 'agent.feature_dim', 'agent.hidden_dim',
+                   'agent.lr')
 
 
 class SnapshotError(Exception):

@@ -87,6 +87,12 @@ def test_full_is_smaller_than_raw_on_similar_frames_and_reuses_its_arena():
 def test_full_rejects_bad_settings():
     with pytest.raises(ValueError, match="key_interval"):
         DiffFrames(10, (1, 8, 8), key_interval=0, anchor_interval=4)
+    store = DiffFrames(4, (1, 8, 8), key_interval=2, anchor_interval=4)
+    store.append(np.zeros((1, 8, 8), np.uint8), episode_start=True)
+    for bad in (np.zeros(63, np.uint8), np.zeros((1, 8, 8), np.float32)):
+        with pytest.raises(ValueError, match="expected 64 uint8"):
+            store.append(bad, episode_start=False)
+    assert store._count == 1  # nothing stored by the rejected frames
     with pytest.raises(ValueError, match="unknown compression"):
         make_frame_store("zip", 10, (1, 8, 8), 3, 4)
 

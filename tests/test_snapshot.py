@@ -45,6 +45,8 @@ def test_save_replaces_atomically_and_load_checks_settings(tmp_path):
     with pytest.raises(snapshot.SnapshotError, match=f"cannot resume from {path} with compression=.*'half'.*"
                                                      "snapshot: .*'full'.*frame_stack=4 .*snapshot: 3"):
         snapshot.load(path, compose_cfg(['compression=half', 'frame_stack=4']))
+    with pytest.raises(snapshot.SnapshotError, match=r"agent.lr=0.0005 \(snapshot: 0.0001\)"):
+        snapshot.load(path, compose_cfg(['lr=5e-4']))  # a restored Adam state would keep the old rate
     assert snapshot.load(path, compose_cfg(['num_train_frames=5', 'batch_size=8']))['step'] == 1
 
 
