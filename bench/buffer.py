@@ -75,12 +75,12 @@ FORMATS = {
     "paper": lambda frame, ref: 4 * int(np.count_nonzero(frame != ref)),  # the paper's 4 B per changed pixel
 }
 ZSTD = zstandard.ZstdCompressor(level=3)
+# (compress, decompress) of an anchor frame's bytes
 ANCHOR_CODECS = {
-    "raw": (lambda frame: frame.size, None),
-    "lz4": (lambda frame: len(lz4.block.compress(frame.tobytes(), store_size=False)),
+    "raw": (bytes, lambda blob, size: blob),
+    "lz4": (lambda data: lz4.block.compress(data, store_size=False),
             lambda blob, size: lz4.block.decompress(blob, uncompressed_size=size)),
-    "zstd": (lambda frame: len(ZSTD.compress(frame.tobytes())),
-             lambda blob, size, d=zstandard.ZstdDecompressor(): d.decompress(blob)),
+    "zstd": (ZSTD.compress, lambda blob, size, d=zstandard.ZstdDecompressor(): d.decompress(blob)),
 }
 
 
@@ -105,7 +105,7 @@ def model_payload(frames: np.ndarray, first: np.ndarray, fmt: str, key_interval:
         if anchor[i]:
             key = (codec, i)
             if key not in cache:
-                cache[key] = ANCHOR_CODECS[codec][0](frames[i])
+                cache[key] = len(ANCHOR_CODECS[codec][0](frames[i].tobytes()))
         else:
             key = (fmt, i, int(ref[i]))
             if key not in cache:
@@ -118,11 +118,9 @@ def anchor_decompress_ms(frames: np.ndarray, first: np.ndarray, anchor_interval:
                          batch: int, repeats: int) -> float:
     """Median ms to decompress `batch` anchors: in a 1M-step buffer nearly every sampled transition has its own."""
     anchors = np.flatnonzero(references(first, 1, anchor_interval)[1])
-    compress = {"lz4": lambda f: lz4.block.compress(f.tobytes(), store_size=False),
-                "zstd": lambda f: ZSTD.compress(f.tobytes())}[codec]
-    blobs = [compress(frames[a]) for a in anchors]
+    compress, decompress = ANCHOR_CODECS[codec]
+    blobs = [compress(frames[a].tobytes()) for a in anchors]
     blobs = [blobs[i % len(blobs)] for i in range(batch)]
-    decompress = ANCHOR_CODECS[codec][1]
     return 1e3 * timed(lambda: [decompress(b, frames.shape[1]) for b in blobs], repeats)
 
 
