@@ -42,17 +42,30 @@ def _parse_fn(fn: Path) -> tuple:
 
 
 class ReplayBufferStorage:
-    """Collects the time steps of the running episode and saves each finished episode to replay_dir."""
+    """Collects the time steps of the running episode and saves each finished episode to replay_dir.
 
-    def __init__(self, data_specs: Sequence[Any], replay_dir: Union[str, Path],
-                 max_size: Optional[int] = None) -> None:
+    The replay dir holds this run's episodes only: a new storage deletes the episode files an earlier run
+    left there, unless it continues that run from a snapshot's state (then only the episodes written
+    after the snapshot are deleted). An episode with fewer than nstep transitions holds no n-step
+    transition to sample (as in the in-RAM buffer), so it is not written.
+    """
+
+    def __init__(self, data_specs: Sequence[Any], replay_dir: Union[str, Path], max_size: Optional[int] = None,
+                 nstep: int = 1, state: Optional[dict[str, np.ndarray]] = None) -> None:
         self._data_specs = data_specs
         self._replay_dir = Path(replay_dir)
         self._replay_dir.mkdir(parents=True, exist_ok=True)
         self._max_size = max_size
+        self._nstep = nstep
         self._step_nbytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in data_specs)
         self._current_episode = defaultdict(list)
-        self._preload()
+        if state is None:
+            state = {'episode_lens': np.zeros(0, dtype=np.int64), 'next_idx': np.array(0, dtype=np.int64)}
+            leftovers = len(list(self._replay_dir.glob('*.npz')))
+            if leftovers:
+                print(f'deleting {leftovers} episode files of an earlier run from {self._replay_dir} '
+                      '(no snapshot.pt resumes them)', flush=True)
+        self.load_state_dict(state)
 
     def __len__(self) -> int:
         return self._num_transitions
@@ -87,7 +100,8 @@ class ReplayBufferStorage:
             episode = {spec.name: np.array(self._current_episode[spec.name], spec.dtype)
                        for spec in self._data_specs}
             self._current_episode = defaultdict(list)
-            self._store_episode(episode)
+            if episode_len(episode) >= self._nstep:
+                self._store_episode(episode)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Counters of the stored episodes (the episodes themselves stay in replay_dir)."""
@@ -99,20 +113,14 @@ class ReplayBufferStorage:
         episode_lens, next_idx = np.asarray(state['episode_lens']), int(state['next_idx'])
         if episode_lens.shape != (next_idx,):
             raise ValueError(f'saved storage lists {episode_lens.shape} episode lengths for {next_idx} episodes')
-        # The resumed run collects these episodes again; kept, they would be sampled twice.
+        # Episodes after the snapshot are collected again, and those of an earlier run were never this
+        # run's: kept, the loader would sample them.
         for fn in self._replay_dir.glob('*.npz'):
             if _parse_fn(fn)[0] >= next_idx:
                 fn.unlink()
         self._episode_lens = episode_lens.tolist()
         self._num_transitions = sum(self._episode_lens)
         self._next_idx = next_idx
-
-    def _preload(self) -> None:
-        # A run dir that already holds episodes (upstream resumes this way): count them.
-        parsed = sorted(_parse_fn(fn) for fn in self._replay_dir.glob('*.npz'))
-        self._episode_lens = [eps_len for _, eps_len in parsed]
-        self._num_transitions = sum(self._episode_lens)
-        self._next_idx = parsed[-1][0] + 1 if parsed else 0
 
     def _store_episode(self, episode: dict) -> None:
         eps_idx = self._next_idx
@@ -125,7 +133,12 @@ class ReplayBufferStorage:
 
 
 class ReplayBuffer(IterableDataset):
-    """Loads this worker's shard of episodes (index % num_workers) into memory and yields n-step samples."""
+    """Loads this worker's shard of episodes (index % num_workers) into memory and yields n-step samples.
+
+    Without save_snapshot a worker deletes an episode's file once it has loaded it, except while some
+    shard may still be empty (fewer than num_workers episodes written so far): then the file stays until
+    the worker sees a later episode, so that workers with nothing of their own can borrow it.
+    """
 
     def __init__(self, replay_dir: Union[str, Path], max_size: int, num_workers: int, nstep: int,
                  discount: float, fetch_every: int, save_snapshot: bool) -> None:
@@ -137,6 +150,9 @@ class ReplayBuffer(IterableDataset):
         self._episodes: dict = {}
         # Episodes of other shards, loaded only while this worker's shard is still empty.
         self._borrowed: set = set()
+        # Own episodes loaded but left on disk for borrowers, and the newest episode index seen.
+        self._kept_for_borrowers: set = set()
+        self._newest_idx = -1
         self._nstep = nstep
         self._discount = discount
         self._fetch_every = fetch_every
@@ -154,6 +170,7 @@ class ReplayBuffer(IterableDataset):
             self._borrowed.discard(eps_fn)
         else:
             self._size -= episode_len(episode)
+            self._kept_for_borrowers.discard(eps_fn)
             eps_fn.unlink(missing_ok=True)
 
     def _store_episode(self, eps_fn: Path, borrowed: bool = False) -> bool:
@@ -176,13 +193,22 @@ class ReplayBuffer(IterableDataset):
         self._episode_fns.sort(key=_parse_fn)
         self._episodes[eps_fn] = episode
 
-        # With several workers the first episode of every shard stays on disk until evicted, so
-        # that workers whose shard is still empty can borrow it.
-        eps_idx, _ = _parse_fn(eps_fn)
-        keep_for_borrowers = self._num_workers > 1 and eps_idx < self._num_workers
-        if not borrowed and not self._save_snapshot and not keep_for_borrowers:
-            eps_fn.unlink(missing_ok=True)
+        if not borrowed and not self._save_snapshot:
+            if self._some_shard_may_be_empty():
+                self._kept_for_borrowers.add(eps_fn)
+            else:
+                eps_fn.unlink(missing_ok=True)
         return True
+
+    def _some_shard_may_be_empty(self) -> bool:
+        """True until an episode of every shard has been written (seen index >= num_workers - 1)."""
+        return self._newest_idx < self._num_workers - 1
+
+    def _release_kept_files(self) -> None:
+        if not self._some_shard_may_be_empty():
+            for eps_fn in self._kept_for_borrowers:
+                eps_fn.unlink(missing_ok=True)
+            self._kept_for_borrowers.clear()
 
     def _try_fetch(self) -> None:
         if self._samples_since_last_fetch < self._fetch_every:
@@ -190,7 +216,12 @@ class ReplayBuffer(IterableDataset):
         self._samples_since_last_fetch = 0
         worker_info = torch.utils.data.get_worker_info()
         worker_id = worker_info.id if worker_info is not None else 0
-        eps_fns = sorted(self._replay_dir.glob('*.npz'), key=_parse_fn, reverse=True)
+        # Episodes too short for one n-step transition are never sampled (the storage does not write them).
+        eps_fns = [fn for fn in sorted(self._replay_dir.glob('*.npz'), key=_parse_fn, reverse=True)
+                   if _parse_fn(fn)[1] >= self._nstep]
+        if eps_fns:
+            self._newest_idx = max(self._newest_idx, _parse_fn(eps_fns[0])[0])
+        self._release_kept_files()
         fetched_size = 0
         fetched_own = False
         for eps_fn in eps_fns:

@@ -2,33 +2,58 @@
 
 A frame store keeps the most recent `capacity` frames appended to it and decodes any of them by
 global frame id (the number of frames appended before it). It knows nothing about transitions,
-stacks or sampling; `replay_buffer.py` builds those on top.
+stacks or sampling; `replay_buffer.py` and `sb3_buffers.py` build those on top. A front end that
+keeps fewer frames than `capacity` says so with `release(before)`, and their memory goes back.
 
-`full` format. Within an episode:
-  * anchor frames (the episode's first frame, then every `anchor_interval` frames) are raw;
-  * key frames (every `key_interval` frames after an anchor) are runs of bytes that differ from
-    their anchor;
-  * every other frame is runs of bytes that differ from its key frame.
-Runs closer than three equal bytes are merged (a new run would cost as much). A run is a pair of
-uint8 (bytes skipped since the previous run, run length), pairs first and then the frame's bytes
-over all its runs, so decoding is a raw copy plus at most two passes of memcpys. Skips and lengths
-above 255 continue in extra pairs. An encoding that is not smaller than the raw frame is stored raw.
-Payloads live in one circular byte arena, written in frame order and reused as old frames
-expire; it grows (compacting the live payload) only when the live payload no longer fits.
+`full` format. Within an episode, anchors (the episode's first frame, then every `anchor_interval`
+frames) are raw. Key frames (every `key_interval` frames after an anchor) and the frames between
+them are stored in the smallest of these representations:
+  * byte runs against a reference (key frames: their anchor; the others: their key frame). Runs
+    closer than three equal bytes are merged (a new run would cost as much). A run is a pair of
+    uint8 (bytes skipped since the previous run, run length), pairs first and then the frame's
+    bytes over all its runs; skips and lengths above 255 continue in extra pairs. Decoding is a
+    copy of the reference plus one memcpy per run.
+  * entropy-coded differences (zstd): key frames alone, the others against the previous frame.
+    Before zstd, each byte's difference to the reference (none for a key) has the difference of
+    the pixel to its left subtracted, channels are interleaved per pixel and, for three channels,
+    red and blue have green subtracted: scrolling textures such as DMC's checkerboard floor change
+    most pixels a little, and this leaves mostly small, repetitive values. Decoding walks the chain
+    from the key frame; a stack's consecutive frames share that walk.
+  * raw, when neither is smaller.
+An entropy-coded frame must undercut the byte runs by `min_entropy_saving` of a raw frame, because
+its decompression costs time in proportion to the frame where runs cost a few memcpys; on
+floor-free frames the runs nearly always win, on frames with the floor the entropy-coded
+differences do.
+
+Memory. Each store reserves address space for its worst case (every frame raw) up front, as one
+anonymous mapping: a page becomes resident when a payload is first written to it, and pages that
+only old frames used are handed back to the OS (madvise) as the oldest kept frame moves on. So a
+store never copies its payload to grow, and `nbytes` counts the bytes actually resident.
 """
 from __future__ import annotations
 
 import math
 import mmap
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numba
 import numpy as np
+import zstandard
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_GROWTH = 1.125  # small steps: nbytes counts the whole arena, so slack costs compression
+_RAW, _RUNS, _ZPREV, _ZINTRA = 0, 1, 2, 3  # how a `full` frame's payload encodes it (module docstring)
+_CACHE = 8  # frames a decode walk remembers as references for the frames after them
+_IN_OUT, _IN_WORK, _IN_ARENA = 0, 1, 2  # where a decode walk finds a decoded frame
+_WORK_ROWS = 2  # frames a decode walk can hold besides the requested ones: a reference and the next
+_PAGE = mmap.PAGESIZE
+_RELEASE_CHUNK = 1 << 16  # pages go back to the OS in steps of at least this many bytes
+# Linux's default overcommit heuristic refuses a private mapping larger than RAM + swap unless it
+# asks for no reservation; the pages are still allocated (and counted) when written.
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
 class FrameStore(Protocol):
@@ -46,9 +71,33 @@ class FrameStore(Protocol):
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None: ...
 
+    def release(self, before: int) -> None: ...
+
     def state_dict(self) -> dict[str, np.ndarray]: ...
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None: ...
+
+
+class _AddressSpace:
+    """Reserved anonymous memory: a page is resident once written, until handed back with release()."""
+
+    def __init__(self, size: int):
+        self.size = -(-max(size, 1) // _PAGE) * _PAGE
+        try:
+            self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+        except OSError as error:
+            raise MemoryError(f"cannot reserve {self.size / 2**30:.1f} GiB of address space for a frame store "
+                              f"({error}); a strict vm.overcommit_memory or `ulimit -v` forbids reserving more "
+                              "than RAM: lower the buffer capacity or lift the limit") from error
+        self.array = np.frombuffer(self._map, dtype=np.uint8)
+
+    def release(self, start: int, length: int) -> None:
+        """Hand back the whole pages of the circular byte range [start, start + length); they read as zeros."""
+        for begin, end in ((start, min(start + length, self.size)), (0, start + length - self.size)):
+            begin = -(-begin // _PAGE) * _PAGE
+            end -= end % _PAGE
+            if end > begin:
+                self._map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
 class RawFrames:
@@ -56,17 +105,21 @@ class RawFrames:
 
     def __init__(self, capacity: int, frame_shape: tuple[int, ...]):
         self.capacity = capacity
-        self._frames = np.zeros((capacity, math.prod(frame_shape)), dtype=np.uint8)
+        self.frame_size = math.prod(frame_shape)
+        self._space = _AddressSpace(capacity * self.frame_size)
+        self._frames = self._space.array[:capacity * self.frame_size].reshape(capacity, self.frame_size)
         self._count = 0
+        self._first_needed = 0  # release(before) promises no decode below this id
+        self._freed = 0  # frames below this id had their pages handed back
 
     @property
     def nbytes(self) -> int:
-        return self._frames.nbytes
+        return self.content_nbytes
 
     @property
     def content_nbytes(self) -> int:
-        """Bytes that grow with what is stored rather than with capacity: none here."""
-        return 0
+        """Bytes that grow with what is stored rather than with capacity: the resident frames."""
+        return (self._count - max(self._freed, self._count - self.capacity)) * self.frame_size
 
     def append(self, frame: np.ndarray, episode_start: bool) -> None:
         """Store `frame` as the next frame id."""
@@ -78,22 +131,38 @@ class RawFrames:
         # mode='wrap' maps ids to ring slots, and unlike the default mode it writes `out` unbuffered
         np.take(self._frames, ids, axis=0, out=out, mode="wrap")
 
+    def release(self, before: int) -> None:
+        """Frames with id < `before` will not be decoded again: hand their memory back."""
+        self._first_needed = max(self._first_needed, min(before, self._count))
+        start = max(self._freed, self._count - self.capacity)  # below, the ring already holds newer frames
+        if (self._first_needed - start) * self.frame_size >= _RELEASE_CHUNK:
+            self._space.release((start % self.capacity) * self.frame_size,
+                                (self._first_needed - start) * self.frame_size)
+            self._freed = self._first_needed
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain arrays (no pickled objects) that restore this store through load_state_dict."""
-        return {"config": np.array([self.capacity, self._frames.shape[1]], dtype=np.int64),
-                "count": np.int64(self._count),
+        return {"config": np.array([self.capacity, self.frame_size], dtype=np.int64),
+                "counters": np.array([self._count, self._first_needed], dtype=np.int64),
                 "frames": self._frames[:min(self._count, self.capacity)]}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore what state_dict saved into this (empty or not) store of the same configuration."""
-        _check_config("half", state, [self.capacity, self._frames.shape[1]])
+        _check_config("half", state, [self.capacity, self.frame_size])
         frames = np.asarray(state["frames"])
-        count = int(state["count"])
-        if frames.shape != (min(count, self.capacity), self._frames.shape[1]) or frames.dtype != np.uint8:
+        count, first_needed = (int(x) for x in state["counters"])
+        if frames.shape != (min(count, self.capacity), self.frame_size) or frames.dtype != np.uint8:
             raise ValueError(f"saved frames have shape {frames.shape} and dtype {frames.dtype}; expected "
-                             f"{(min(count, self.capacity), self._frames.shape[1])} uint8")
+                             f"{(min(count, self.capacity), self.frame_size)} uint8")
         self._frames[:len(frames)] = frames
-        self._count = count
+        self._count, self._first_needed, self._freed = count, first_needed, 0
+
+    def __getstate__(self) -> dict:
+        return {"args": (self.capacity, (self.frame_size,)), "state": self.state_dict()}
+
+    def __setstate__(self, pickled: dict) -> None:
+        self.__init__(*pickled["args"])
+        self.load_state_dict(pickled["state"])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -166,11 +235,11 @@ def _memcpy(typingctx, dst, dst_at, src, src_at, count):
 
 
 @numba.njit(cache=True, nogil=True)
-def _apply_runs(dst, dst_at, slot, offsets, num_runs, arena):
+def _apply_runs(dst, dst_at, slot, offsets, params, arena):
     header = offsets[slot]
-    value = header + 2 * np.int64(num_runs[slot])
+    value = header + 2 * np.int64(params[slot])
     position = dst_at
-    for _ in range(num_runs[slot]):
+    for _ in range(params[slot]):
         position += arena[header]
         length = np.int64(arena[header + 1])
         _memcpy(dst, position, arena, value, length)
@@ -180,16 +249,17 @@ def _apply_runs(dst, dst_at, slot, offsets, num_runs, arena):
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode(ids, order, slots, offsets, num_runs, ref_dist, arena, size, out):
-    # `order` visits ids sorted, so the frames of a stack come together and share their key
-    # frame: it is decoded once, and found again at `cached_at` in `out` (or in `scratch` at -1);
-    # a repeated id is copied from its first decode.
+def _decode_runs(ids, order, slots, offsets, kinds, params, ref_dist, arena, size, out):
+    # _walk specialised to frames whose references are all raw or byte runs (what floor-free tasks
+    # store), so a reference is raw or has a raw reference: `order` visits positions i of ids sorted by
+    # id, writing out row i, so the frames of a stack come together and share their key frame, decoded
+    # once and found again at `cached_at` in `out` (or in `scratch` at -1); a repeated id is copied.
     scratch = np.empty(size, np.uint8)
     cached_id = -1
     cached_at = -1
     previous_id = -1
     previous_at = 0
-    for k in range(ids.shape[0]):
+    for k in range(order.shape[0]):
         i = order[k]
         fid = ids[i]
         s = fid % slots
@@ -198,67 +268,275 @@ def _decode(ids, order, slots, offsets, num_runs, ref_dist, arena, size, out):
             _memcpy(out, at, out, previous_at, size)
             continue
         previous_id, previous_at = fid, at
-        if num_runs[s] < 0:
+        if kinds[s] == _RAW:
             _memcpy(out, at, arena, offsets[s], size)
             continue
         rid = fid - ref_dist[s]
         rs = rid % slots
-        if num_runs[rs] < 0:
+        if kinds[rs] == _RAW:
             _memcpy(out, at, arena, offsets[rs], size)
-            _apply_runs(out, at, s, offsets, num_runs, arena)
+            _apply_runs(out, at, s, offsets, params, arena)
             cached_id, cached_at = fid, at
             continue
         if rid != cached_id:
             _memcpy(scratch, 0, arena, offsets[(rid - ref_dist[rs]) % slots], size)
-            _apply_runs(scratch, 0, rs, offsets, num_runs, arena)
+            _apply_runs(scratch, 0, rs, offsets, params, arena)
             cached_id, cached_at = rid, -1
         if cached_at < 0:
             _memcpy(out, at, scratch, 0, size)
         else:
             _memcpy(out, at, out, cached_at, size)
-        _apply_runs(out, at, s, offsets, num_runs, arena)
+        _apply_runs(out, at, s, offsets, params, arena)
+
+
+@numba.njit(cache=True, nogil=True)
+def _delta_transform(frame, ref, has_ref, layout, out):
+    # out, pixel by pixel with channels interleaved: each byte's difference to `ref` (or the byte
+    # itself) minus the same difference at the pixel to its left; for 3 channels, R and B then minus G.
+    channels, height, width, channel_stride, pixel_stride = layout[0], layout[1], layout[2], layout[3], layout[4]
+    left = np.zeros(channels, np.int64)
+    dd = np.zeros(channels, np.int64)
+    for y in range(height):
+        left[:] = 0
+        for x in range(width):
+            pixel = y * width + x
+            for c in range(channels):
+                i = c * channel_stride + pixel * pixel_stride
+                d = np.int64(frame[i]) - (np.int64(ref[i]) if has_ref else 0)
+                dd[c] = d - left[c]
+                left[c] = d
+            if channels == 3:
+                dd[0] -= dd[1]
+                dd[2] -= dd[1]
+            for c in range(channels):
+                out[pixel * channels + c] = dd[c] & 255
+
+
+@numba.njit(cache=True, nogil=True)
+def _undo_delta_transform(t, ref, has_ref, dst, layout):
+    # The inverse of _delta_transform: dst = ref + prefix sums along each row; dst may be ref itself.
+    # Arguments are whole-frame views: indices that start at 0 spare numba's negative-index checks.
+    channels, height, width, channel_stride, pixel_stride = layout[0], layout[1], layout[2], layout[3], layout[4]
+    if channels == 3 and pixel_stride == 1:  # planar RGB, the DMC layout: three running sums per row
+        red = dst[:channel_stride]
+        green = dst[channel_stride:2 * channel_stride]
+        blue = dst[2 * channel_stride:3 * channel_stride]
+        for y in range(height):
+            r = np.int64(0)
+            g = np.int64(0)
+            b = np.int64(0)
+            row = y * width
+            for x in range(width):
+                src = 3 * (row + x)
+                dg = np.int64(t[src + 1])
+                r += np.int64(t[src]) + dg
+                g += dg
+                b += np.int64(t[src + 2]) + dg
+                red[row + x] = r & 255
+                green[row + x] = g & 255
+                blue[row + x] = b & 255
+    else:
+        sums = np.zeros(channels, np.int64)
+        for y in range(height):
+            sums[:] = 0
+            for x in range(width):
+                pixel = y * width + x
+                green = np.int64(t[pixel * channels + 1]) if channels == 3 else np.int64(0)
+                for c in range(channels):
+                    step = np.int64(t[pixel * channels + c])
+                    sums[c] += step + green if channels == 3 and c != 1 else step
+                    dst[c * channel_stride + pixel * pixel_stride] = sums[c] & 255
+    if has_ref:
+        for i in range(dst.shape[0]):
+            dst[i] = (dst[i] + ref[i]) & 255
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def _dependency(fid, slots, kinds, ref_dist):
+    """The frame that frame `fid` is decoded from, or -1 if none."""
+    s = fid % slots
+    if kinds[s] == _RUNS:
+        return fid - ref_dist[s]
+    if kinds[s] == _ZPREV:
+        return fid - 1
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _needs_entropy(ids, slots, kinds, ref_dist):
+    """Per id, whether decoding it involves an entropy-coded payload (its own or a reference's)."""
+    needs = np.zeros(ids.shape[0], np.bool_)
+    for i in range(ids.shape[0]):
+        g = ids[i]
+        while g >= 0 and not needs[i]:
+            needs[i] = kinds[g % slots] >= _ZPREV
+            g = _dependency(g, slots, kinds, ref_dist)
+    return needs
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def _pick(where, out, work, arena):
+    """The buffer a walk location names: the output, the walk's work rows or the arena."""
+    if where == _IN_OUT:
+        return out
+    return work if where == _IN_WORK else arena
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk(ids, order, slots, offsets, kinds, params, ref_dist, arena, size, layout, max_chain,
+          out, work, entropy, jobs, dry):
+    # `order` visits positions i of ids sorted by id, writing out row i, so the frames of a stack and
+    # their shared references are decoded once. Each frame walks back along its dependencies to a raw payload, a frame decoded earlier in
+    # this call (the last _CACHE are remembered, in `out` or in `work`) or a frame with no dependency,
+    # then decodes forward from there. Entropy-coded payloads are decompressed by the caller (zstd
+    # runs in Python): a dry run lists them in `jobs` (offset, size), in the order in which the real
+    # run then reads their decompressed bytes from `entropy`. Returns the number of such payloads.
+    cache_id = np.full(_CACHE, -1, np.int64)
+    cache_where = np.zeros(_CACHE, np.int64)
+    cache_at = np.zeros(_CACHE, np.int64)
+    cache_next = 0
+    work_rows = work.shape[0] // size
+    work_next = 0
+    chain = np.empty(max_chain, np.int64)
+    n_jobs = 0
+    previous_id = -1
+    previous_at = 0
+    for k in range(order.shape[0]):
+        i = order[k]
+        fid = ids[i]
+        at = i * size
+        if fid == previous_id:  # stacks that overlap (obs and next_obs when nstep < frame_stack)
+            if not dry:
+                _memcpy(out, at, out, previous_at, size)
+            continue
+        previous_id, previous_at = fid, at
+        n = 0
+        base_where, base_at = _IN_ARENA, 0
+        g = fid
+        while g >= 0:
+            s = g % slots
+            if kinds[s] == _RAW:  # a raw payload is its decoded frame
+                base_where, base_at = _IN_ARENA, offsets[s]
+                break
+            hit = -1
+            for e in range(_CACHE):
+                if cache_id[e] == g:
+                    hit = e
+                    break
+            if hit >= 0:
+                base_where, base_at = cache_where[hit], cache_at[hit]
+                break
+            chain[n] = g
+            n += 1
+            g = _dependency(g, slots, kinds, ref_dist)
+        if n == 0 and not dry:
+            _memcpy(out, at, _pick(base_where, out, work, arena), base_at, size)
+        for j in range(n - 1, -1, -1):
+            g = chain[j]
+            where, target = _IN_OUT, at
+            if j > 0:  # a reference nobody asked for: into a work row that the base is not in
+                if base_where == _IN_WORK and base_at // size == work_next:
+                    work_next = (work_next + 1) % work_rows
+                where, target = _IN_WORK, work_next * size
+                work_next = (work_next + 1) % work_rows
+                for e in range(_CACHE):
+                    if cache_where[e] == _IN_WORK and cache_at[e] == target:
+                        cache_id[e] = -1
+            s = g % slots
+            kind = kinds[s]
+            if kind == _RUNS:
+                if not dry:
+                    dst = _pick(where, out, work, arena)
+                    _memcpy(dst, target, _pick(base_where, out, work, arena), base_at, size)
+                    _apply_runs(dst, target, s, offsets, params, arena)
+            elif dry:
+                jobs[n_jobs, 0] = offsets[s]
+                jobs[n_jobs, 1] = params[s]
+                n_jobs += 1
+            else:
+                _undo_delta_transform(entropy[n_jobs * size:(n_jobs + 1) * size],
+                                      _pick(base_where, out, work, arena)[base_at:base_at + size], kind == _ZPREV,
+                                      _pick(where, out, work, arena)[target:target + size], layout)
+                n_jobs += 1
+            cache_id[cache_next] = g
+            cache_where[cache_next] = where
+            cache_at[cache_next] = target
+            cache_next = (cache_next + 1) % _CACHE
+            base_where, base_at = where, target
+    return n_jobs
 
 
 class DiffFrames:
-    """`full`: anchors raw, key frames as byte runs against their anchor, the rest against their key."""
+    """`full`: anchors raw; every other frame in the cheapest of byte runs or an entropy-coded difference."""
 
-    def __init__(self, capacity: int, frame_shape: tuple[int, ...], key_interval: int, anchor_interval: int):
+    def __init__(self, capacity: int, frame_shape: tuple[int, ...], key_interval: int, anchor_interval: int,
+                 entropy: bool = True, min_entropy_saving: int = 2048, zstd_level: int = 9, decode_threads: int = 1):
         if key_interval < 1 or anchor_interval < 1:
             raise ValueError(f"key_interval and anchor_interval must be >= 1, got {key_interval} and {anchor_interval}")
+        if decode_threads < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
         self.capacity = capacity
+        self.frame_shape = tuple(frame_shape)
         self.key_interval = key_interval
         self.anchor_interval = anchor_interval
+        self.entropy = entropy
+        self.min_entropy_saving = min_entropy_saving
+        self.zstd_level = zstd_level
+        self.decode_threads = decode_threads
         self.frame_size = math.prod(frame_shape)
+        self._layout = _layout(self.frame_shape)
         # A frame's references reach back at most anchor_interval - 1 frames, so that many extra
         # slots keep every reference of the newest `capacity` frames decodable.
         self._slots = capacity + anchor_interval - 1
-        self._offsets = np.zeros(self._slots, dtype=np.int64)   # in bytes
-        self._num_runs = np.zeros(self._slots, dtype=np.int32)  # (skip, length) pairs; -1: stored raw
-        self._ref_dist = np.zeros(self._slots, dtype=np.int32)  # frames back to the reference
-        self._arena = _resident_zeros(max(2, min(self._slots, 512) // 8) * self.frame_size)
+        self._offsets = np.zeros(self._slots, dtype=np.int64)  # in bytes
+        self._kinds = np.zeros(self._slots, dtype=np.uint8)    # _RAW, _RUNS, _ZPREV or _ZINTRA
+        self._params = np.zeros(self._slots, dtype=np.int32)   # _RUNS: (skip, length) pairs; _Z*: payload bytes
+        self._ref_dist = np.zeros(self._slots, dtype=np.int32)  # frames back to the run reference (0: anchor)
+        # Worst case, every held frame is raw. One frame more covers the end skipped when the head
+        # wraps, one the payload being placed, and a release chunk the pages not yet handed back
+        # behind the tail: the head then never reaches the tail nor a page about to be released.
+        self._space = _AddressSpace((self._slots + 2) * self.frame_size + _RELEASE_CHUNK + _PAGE)
+        self._arena = self._space.array
         self._head = 0      # byte where the next payload goes
         self._wrap_end = 0  # end of the last payload written before head went back to 0
+        self._freed = 0     # pages from here back to the head's end of the ring were handed back
         self._count = 0
         self._episode_pos = 0
+        self._first_needed = 0  # release(before) promises no decode below this id
+        self._entropy_frames = 0  # slots holding an entropy-coded frame
         self._anchor = np.zeros(self.frame_size, dtype=np.uint8)
         self._key = np.zeros(self.frame_size, dtype=np.uint8)
+        self._previous = np.zeros(self.frame_size, dtype=np.uint8)
         self._headers = np.empty(self.frame_size, dtype=np.uint8)  # encoder scratch
         self._values = np.empty(self.frame_size, dtype=np.uint8)
+        self._transformed = np.empty(self.frame_size, dtype=np.uint8)
+        self._compressor = zstandard.ZstdCompressor(level=zstd_level)
+        # per decode thread: a zstd context, work rows, and rows of decompressed payloads grown on demand
+        self._decoders = [(zstandard.ZstdDecompressor(), np.empty(_WORK_ROWS * self.frame_size, dtype=np.uint8),
+                           [np.empty(0, dtype=np.uint8)]) for _ in range(decode_threads)]
+        self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="frame-decode") if decode_threads > 1 else None
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self._arena, self._offsets, self._num_runs, self._ref_dist,
-                                      self._anchor, self._key, self._headers, self._values))
+        scratch = [self._anchor, self._key, self._previous, self._headers, self._values, self._transformed]
+        return self.content_nbytes + sum(a.nbytes for a in scratch) + self.decode_scratch_nbytes
+
+    @property
+    def decode_scratch_nbytes(self) -> int:
+        """Bytes held for decoding (decompressed payloads of the largest batch so far): fixed, not per frame."""
+        return sum(work.nbytes + rows[0].nbytes for _, work, rows in self._decoders)
 
     @property
     def content_nbytes(self) -> int:
-        """Bytes that grow with what is stored rather than with capacity: the arena."""
-        return self._arena.nbytes
+        """Bytes that grow with what is stored rather than with capacity: resident arena and index entries."""
+        touched_slots = min(self._count, self._slots)
+        index = touched_slots * sum(a.itemsize for a in (self._offsets, self._kinds, self._params, self._ref_dist))
+        return self._resident_arena() + index
 
     @property
     def payload_bytes(self) -> int:
-        """Bytes of the arena that hold stored frames (the rest is slack left by growth and wrapping)."""
-        return self._live(max(self._count - self._slots, 0))[2]
+        """Bytes of the arena that hold stored frames (the rest is slack left by wrapping and pages)."""
+        return self._live(self._first_live(evicting=False))[2]
 
     def append(self, frame: np.ndarray, episode_start: bool) -> None:
         """Encode and store `frame` as the next frame id."""
@@ -267,124 +545,212 @@ class DiffFrames:
             raise ValueError(f"frame has {frame.size} values of dtype {frame.dtype}; expected {self.frame_size} uint8")
         self._episode_pos = 0 if episode_start or self._count == 0 else self._episode_pos + 1
         in_span = self._episode_pos % self.anchor_interval
-        if in_span == 0:
-            ref, dist = None, 0
-        elif in_span % self.key_interval == 0:
-            ref, dist = self._anchor, in_span
-        else:
-            ref, dist = self._key, in_span % self.key_interval
-
-        runs = -1
-        if ref is not None:
+        in_group = in_span % self.key_interval
+        kind, payload, dist = _RAW, frame, 0
+        if in_span:
+            ref, dist = (self._anchor, in_span) if in_group == 0 else (self._key, in_group)
             runs, used = _encode_runs(frame, ref, self._headers, self._values)
+            if runs >= 0:
+                kind, payload = _RUNS, (self._headers[:2 * runs], self._values[:used])
+            cost = self.frame_size if runs < 0 else 2 * runs + used
+            # Worth a zstd pass only if the runs are large: it must save min_entropy_saving bytes, since
+            # its decompression costs time in proportion to the frame where runs cost a few memcpys.
+            if self.entropy and cost >= 2 * self.min_entropy_saving:
+                # keys stay a short walk from the anchor: they are coded alone, the others against the previous frame
+                _delta_transform(frame, self._previous, in_group > 0, self._layout, self._transformed)
+                blob = self._compressor.compress(self._transformed)
+                if len(blob) <= cost - self.min_entropy_saving:
+                    kind, payload = (_ZPREV if in_group else _ZINTRA), blob
         slot = self._count % self._slots
-        if runs < 0:
-            offset = self._place(self.frame_size)
-            self._arena[offset:offset + self.frame_size] = frame
-            dist = 0
-        else:
+        if kind == _RUNS:
             offset = self._place(2 * runs + used)
-            self._arena[offset:offset + 2 * runs] = self._headers[:2 * runs]
-            self._arena[offset + 2 * runs:offset + 2 * runs + used] = self._values[:used]
+            self._arena[offset:offset + 2 * runs] = payload[0]
+            self._arena[offset + 2 * runs:offset + 2 * runs + used] = payload[1]
+            self._params[slot] = runs
+        else:
+            offset = self._place(len(payload))
+            self._arena[offset:offset + len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+            self._params[slot] = len(payload)
         self._offsets[slot] = offset
-        self._num_runs[slot] = runs
-        self._ref_dist[slot] = dist
+        if self._count >= self._slots:  # the slot's previous frame leaves
+            self._entropy_frames -= self._kinds[slot] >= _ZPREV
+        self._entropy_frames += kind >= _ZPREV
+        self._kinds[slot] = kind
+        self._ref_dist[slot] = dist  # kept whatever the kind: it leads to the span's anchor
         self._count += 1
 
         if in_span == 0:
             self._anchor[:] = frame
-        if in_span % self.key_interval == 0:
+        if in_group == 0:
             self._key[:] = frame
+        self._previous[:] = frame
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Write the frames `ids` (M,) into `out` (M, C*H*W) uint8."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         flat = out.reshape(-1) if out.flags.c_contiguous else np.empty(out.size, dtype=np.uint8)
-        _decode(ids, np.argsort(ids, kind="stable"), self._slots, self._offsets, self._num_runs,
-                self._ref_dist, self._arena, self.frame_size, flat)
+        if self._entropy_frames:
+            needs = _needs_entropy(ids, self._slots, self._kinds, self._ref_dist)
+            runs_only, entropy = np.flatnonzero(~needs), np.flatnonzero(needs)
+            runs_order = runs_only[np.argsort(ids[runs_only], kind="stable")]
+        else:
+            runs_order, entropy = np.argsort(ids, kind="stable"), ids[:0]
+        if len(runs_order):
+            _decode_runs(ids, runs_order, self._slots, self._offsets, self._kinds, self._params, self._ref_dist,
+                         self._arena, self.frame_size, flat)
+        if len(entropy):
+            # contiguous stretches of the sorted ids, one per thread, each with its own references
+            order = entropy[np.argsort(ids[entropy], kind="stable")]
+            parts = np.array_split(order, min(self.decode_threads, len(order)))
+            if len(parts) == 1:
+                self._decode_entropy(ids, parts[0], flat, self._decoders[0])
+            else:
+                list(self._pool.map(self._decode_entropy, [ids] * len(parts), parts, [flat] * len(parts),
+                                    self._decoders))
         if not out.flags.c_contiguous:
             out[:] = flat.reshape(out.shape)
 
+    def release(self, before: int) -> None:
+        """Frames with id < `before` will not be decoded again: their payload's memory may go back."""
+        self._first_needed = max(self._first_needed, min(before, self._count))
+        self._free_behind(self._live(self._first_live(evicting=False))[0])
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Plain arrays (no pickled objects) that restore this store through load_state_dict."""
-        used = min(self._count, self._slots)
+        """Plain arrays (no pickled objects, the payload as views) that restore this store through load_state_dict."""
+        first = self._first_live(evicting=False)
+        tail, wrapped, live = self._live(first)
+        slots = np.arange(first, self._count) % self._slots
+        offsets = self._offsets[slots]
+        if wrapped:  # saved as one run of bytes starting at the tail: [tail, wrap_end) + [0, head)
+            parts = (self._arena[tail:self._wrap_end], self._arena[:self._head])
+            offsets = np.where(offsets >= tail, offsets - tail, offsets + self._wrap_end - tail)
+        else:
+            parts = (self._arena[tail:tail + live], self._arena[:0])
+            offsets = offsets - tail
         return {"config": np.array(self._config(), dtype=np.int64),
-                "counters": np.array([self._count, self._episode_pos, self._head, self._wrap_end], dtype=np.int64),
-                "arena": self._arena, "offsets": self._offsets[:used], "num_runs": self._num_runs[:used],
-                "ref_dist": self._ref_dist[:used], "anchor": self._anchor, "key": self._key}
+                "counters": np.array([self._count, self._episode_pos, first, self._first_needed], dtype=np.int64),
+                "payload_start": parts[0], "payload_end": parts[1], "offsets": offsets, "kinds": self._kinds[slots],
+                "params": self._params[slots], "ref_dist": self._ref_dist[slots],
+                "anchor": self._anchor, "key": self._key, "previous": self._previous}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore what state_dict saved into a store of the same configuration."""
+        """Restore what state_dict saved into a store of the same configuration; ValueError leaves it unchanged."""
         _check_config("full", state, self._config())
-        count, episode_pos, head, wrap_end = (int(x) for x in state["counters"])
-        used = min(count, self._slots)
-        expected = {"arena": (None, np.uint8), "offsets": (used, np.int64), "num_runs": (used, np.int32),
-                    "ref_dist": (used, np.int32), "anchor": (self.frame_size, np.uint8), "key": (self.frame_size, np.uint8)}
+        count, episode_pos, first, first_needed = (int(x) for x in state["counters"])
+        held = count - first
+        if not 0 <= held <= min(count, self._slots) or not 0 <= first_needed <= count:
+            raise ValueError(f"saved counters {[count, episode_pos, first, first_needed]} are inconsistent")
+        live = len(state["payload_start"]) + len(state["payload_end"])
+        expected = {"payload_start": (None, np.uint8), "payload_end": (None, np.uint8), "offsets": (held, np.int64),
+                    "kinds": (held, np.uint8), "params": (held, np.int32), "ref_dist": (held, np.int32),
+                    **{name: (self.frame_size, np.uint8) for name in ("anchor", "key", "previous")}}
         for name, (length, dtype) in expected.items():
             array = np.asarray(state[name])
             if array.ndim != 1 or array.dtype != dtype or (length is not None and len(array) != length):
                 raise ValueError(f"saved {name} has shape {array.shape} and dtype {array.dtype}; "
                                  f"expected ({length if length is not None else 'n'},) {np.dtype(dtype)}")
-        if not 0 <= wrap_end <= len(state["arena"]) or not 0 <= head <= len(state["arena"]):
-            raise ValueError(f"saved arena of {len(state['arena'])} bytes does not hold head {head} / end {wrap_end}")
-        self._arena = _resident_zeros(max(len(state["arena"]), 2))
-        self._arena[:len(state["arena"])] = state["arena"]
-        for name in ("offsets", "num_runs", "ref_dist"):
-            getattr(self, "_" + name)[:used] = state[name]
-        self._anchor[:] = state["anchor"]
-        self._key[:] = state["key"]
-        self._count, self._episode_pos, self._head, self._wrap_end = count, episode_pos, head, wrap_end
+        offsets = np.asarray(state["offsets"])
+        if live > self._arena.size or (held and not 0 <= offsets.min() <= offsets.max() <= live):
+            raise ValueError(f"saved payload of {live} bytes does not hold the saved offsets")
+        self._space.release(0, self._space.size)
+        start = len(state["payload_start"])
+        self._arena[:start] = state["payload_start"]
+        self._arena[start:live] = state["payload_end"]
+        slots = np.arange(first, count) % self._slots
+        self._kinds[:] = _RAW  # slots of frames not saved hold nothing to count or decode
+        for name in ("offsets", "kinds", "params", "ref_dist"):
+            getattr(self, "_" + name)[slots] = state[name]
+        for name in ("anchor", "key", "previous"):
+            getattr(self, "_" + name)[:] = state[name]
+        self._count, self._episode_pos, self._first_needed = count, episode_pos, first_needed
+        self._entropy_frames = int(np.count_nonzero(self._kinds >= _ZPREV))
+        self._head, self._wrap_end, self._freed = live, 0, 0
+
+    def __getstate__(self) -> dict:
+        args = (self.capacity, self.frame_shape, self.key_interval, self.anchor_interval)
+        kwargs = dict(entropy=self.entropy, min_entropy_saving=self.min_entropy_saving, zstd_level=self.zstd_level,
+                      decode_threads=self.decode_threads)
+        return {"args": args, "kwargs": kwargs, "state": self.state_dict()}
+
+    def __setstate__(self, pickled: dict) -> None:
+        self.__init__(*pickled["args"], **pickled["kwargs"])
+        self.load_state_dict(pickled["state"])
+
+    def _decode_entropy(self, ids: np.ndarray, order: np.ndarray, flat: np.ndarray, decoder: tuple) -> None:
+        """Decode ids[order] (sorted, some entropy-coded) into `flat` with one thread's zstd context and scratch."""
+        decompressor, work, rows = decoder
+        max_chain = self.key_interval + 2
+        jobs = np.empty((len(order) * max_chain, 2), dtype=np.int64)
+        args = (ids, order, self._slots, self._offsets, self._kinds, self._params, self._ref_dist, self._arena,
+                self.frame_size, self._layout, max_chain, flat, work)
+        count = _walk(*args, rows[0], jobs, True)
+        if rows[0].size < count * self.frame_size:
+            rows[0] = np.empty(count * self.frame_size, dtype=np.uint8)
+        arena, size = self._arena, self.frame_size
+        for j, (offset, length) in enumerate(jobs[:count].tolist()):  # zstd releases the GIL while it works
+            rows[0][j * size:(j + 1) * size] = np.frombuffer(decompressor.decompress(arena[offset:offset + length]),
+                                                            dtype=np.uint8)
+        _walk(*args, rows[0], jobs, False)
 
     def _config(self) -> list[int]:
         return [self.capacity, self.frame_size, self.key_interval, self.anchor_interval]
 
+    def _first_live(self, evicting: bool) -> int:
+        """Oldest frame whose payload must stay: held (or about to be, when `evicting`) or referenced."""
+        first = max(self._count + evicting - self._slots, 0)
+        if self._first_needed > first:
+            # frames from first_needed on, and frames still to come in its span, read back to its anchor
+            kept = min(self._first_needed, self._count - 1)
+            ref = kept - int(self._ref_dist[kept % self._slots])
+            first = max(first, ref - int(self._ref_dist[ref % self._slots]))
+        return first
+
     def _live(self, first_live: int) -> tuple[int, bool, int]:
         """(offset of frame `first_live`, whether the live payload wraps, live payload bytes)."""
         if self._count <= first_live:
-            return 0, False, 0
+            return self._head, False, 0
         tail = int(self._offsets[first_live % self._slots])
         wrapped = self._head < tail
         live = self._wrap_end - tail + self._head if wrapped else self._head - tail
         return tail, wrapped, live
 
     def _place(self, size: int) -> int:
-        """Return an arena offset for a payload of `size` bytes, growing the arena if it does not fit."""
+        """Arena offset for a payload of `size` bytes in front of the head; the arena is sized so it always fits."""
         size = max(size, 1)  # offsets then strictly increase in frame order, which _live relies on
-        first_live = max(self._count + 1 - self._slots, 0)  # the new frame evicts the one before
-        if self._count <= first_live:  # nothing stays stored: start over at the arena's start
-            self._head = self._wrap_end = 0
-        tail, wrapped, _ = self._live(first_live)
-        head = self._head
-        if wrapped:
-            offset = head if head + size < tail else None
-        elif head + size <= self._arena.size:
-            offset = head
-        elif size < tail:
-            self._wrap_end, offset = head, 0
-        else:
-            offset = None
-        if offset is None:
-            offset = self._grow(size, first_live)
+        tail, wrapped, _ = self._live(self._first_live(evicting=True))
+        self._free_behind(tail)
+        offset = self._head
+        if not wrapped and offset + size > self._arena.size:
+            self._wrap_end, offset = offset, 0
         self._head = offset + size
         return offset
 
-    def _grow(self, size: int, first_live: int) -> int:
-        """Move the live payload to the start of a larger arena; return where the next payload goes."""
-        tail, wrapped, live = self._live(first_live)
-        arena = _resident_zeros(max(int(self._arena.size * _GROWTH), live + size + 1))
-        slots = np.arange(first_live, self._count) % self._slots
-        offsets = self._offsets[slots]
-        if wrapped:
-            before_wrap = self._wrap_end - tail
-            arena[:before_wrap] = self._arena[tail:self._wrap_end]
-            arena[before_wrap:live] = self._arena[:self._head]
-            self._offsets[slots] = np.where(offsets >= tail, offsets - tail, offsets + before_wrap)
-        else:
-            arena[:live] = self._arena[tail:tail + live]
-            self._offsets[slots] = offsets - tail
-        self._arena = arena
-        self._wrap_end = 0
-        return live
+    def _free_behind(self, tail: int) -> None:
+        """Hand back the pages between the last freed offset and the tail's page: only dead payload lies there."""
+        stop = tail - tail % _PAGE
+        length = (stop - self._freed) % self._arena.size  # the tail may have gone round the ring
+        if length >= _RELEASE_CHUNK:
+            self._space.release(self._freed, length)
+            self._freed = stop
+
+    def _resident_arena(self) -> int:
+        """Arena bytes in pages written since they were last handed back: from the freed offset to the head's page."""
+        top = -(-self._head // _PAGE) * _PAGE  # the head is behind the freed offset only after it wrapped
+        return top - self._freed if top >= self._freed else self._arena.size - self._freed + top
+
+
+def _layout(frame_shape: tuple[int, ...]) -> np.ndarray:
+    """(channels, height, width, channel stride, pixel stride) of a frame: CHW or HWC for 3-d shapes with <= 4
+    channels on one side, (H, W) for 2-d, otherwise one row of single-channel pixels."""
+    if len(frame_shape) == 3 and frame_shape[0] <= 4 < frame_shape[2]:
+        channels, height, width = frame_shape
+        return np.array([channels, height, width, height * width, 1], dtype=np.int64)
+    if len(frame_shape) == 3 and frame_shape[2] <= 4:
+        height, width, channels = frame_shape
+        return np.array([channels, height, width, 1, channels], dtype=np.int64)
+    if len(frame_shape) == 2:
+        return np.array([1, frame_shape[0], frame_shape[1], 0, 1], dtype=np.int64)
+    return np.array([1, 1, math.prod(frame_shape), 0, 1], dtype=np.int64)
 
 
 def _check_config(mode: str, state: dict[str, np.ndarray], config: list[int]) -> None:
@@ -395,20 +761,11 @@ def _check_config(mode: str, state: dict[str, np.ndarray], config: list[int]) ->
                          "(capacity, frame bytes[, key_interval, anchor_interval]); load it into a matching buffer")
 
 
-def _resident_zeros(size: int) -> np.ndarray:
-    """A zeroed uint8 array in its own anonymous mapping, with every page already resident."""
-    # Its own mapping goes back to the OS as soon as the arena is replaced (malloc may keep freed
-    # blocks of a few MB), and touching every page now makes nbytes memory actually resident.
-    arena = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
-    arena.fill(0)
-    return arena
-
-
 def make_frame_store(compression: str, capacity: int, frame_shape: tuple[int, ...],
-                     key_interval: int, anchor_interval: int) -> FrameStore:
-    """Build the frame store of a compression mode ('half' or 'full')."""
+                     key_interval: int, anchor_interval: int, **full_options) -> FrameStore:
+    """Build the frame store of a compression mode ('half' or 'full'; `full_options` go to DiffFrames)."""
     if compression == "half":
         return RawFrames(capacity, frame_shape)
     if compression == "full":
-        return DiffFrames(capacity, frame_shape, key_interval, anchor_interval)
+        return DiffFrames(capacity, frame_shape, key_interval, anchor_interval, **full_options)
     raise ValueError(f"unknown compression {compression!r}: expected 'half' or 'full'")

@@ -13,16 +13,18 @@ of both stacks is still stored; transitions are drawn uniformly over the valid o
 from __future__ import annotations
 
 import json
-import queue
 import threading
-from typing import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from frame_stacks import StackLayout, decode_stacks, reset_padding, shifted
 from obs_comp import make_frame_store
 
 _COMPRESSIONS = ("half", "full")
+# the arrays of a batch, in the order sample() returns them
+BATCH_KEYS = ("obs", "action", "reward", "discount", "next_obs")
 
 
 class ReplayBuffer:
@@ -30,7 +32,7 @@ class ReplayBuffer:
 
     def __init__(self, *, obs_shape: tuple[int, ...], action_shape: tuple[int, ...], capacity: int,
                  frame_stack: int, nstep: int, discount: float, batch_size: int, compression: str,
-                 seed: int | None = None, key_interval: int = 4, anchor_interval: int = 100):
+                 seed: int | None = None, key_interval: int = 4, anchor_interval: int = 100, **full_options):
         obs_shape, action_shape = tuple(obs_shape), tuple(action_shape)
         if compression not in _COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}: expected one of {_COMPRESSIONS}")
@@ -44,10 +46,11 @@ class ReplayBuffer:
         self.capacity, self.frame_stack, self.nstep = capacity, frame_stack, nstep
         self.batch_size, self.compression = batch_size, compression
         self._discount = np.float32(discount)
-        self._channels = obs_shape[0] // frame_stack
-        self._frame_shape = (self._channels, *obs_shape[1:])
+        self._layout = StackLayout(obs_shape, frame_stack)
+        self._frame_shape = self._layout.frame_shape
+        # full_options (entropy, min_entropy_saving, decode_threads, zstd_level) tune obs_comp.DiffFrames
         self._frames = make_frame_store(compression, capacity, self._frame_shape,
-                                        key_interval, anchor_interval)
+                                        key_interval, anchor_interval, **full_options)
         self._action = np.zeros((capacity, *action_shape), dtype=np.float32)
         self._reward = np.zeros(capacity, dtype=np.float32)
         self._step_discount = np.zeros(capacity, dtype=np.float32)
@@ -92,15 +95,15 @@ class ReplayBuffer:
         reward = np.float32(0.0 if time_step.reward is None else time_step.reward)
         step_discount = np.float32(1.0 if time_step.discount is None else time_step.discount)
         first = bool(time_step.first())
-        frames = obs.reshape(self.frame_stack, -1)
+        frames = self._layout.frames(obs)
         if first:
-            if not (frames == frames[-1]).all():
+            if reset_padding(frames) != "repeat":
                 raise ValueError("first observation of an episode must repeat its frame across the stack "
                                  "(DrQ-v2 frame stacking); its frames differ")
         else:
             if not self._episode_open:
                 raise ValueError("got a mid-episode time step without a first() step before it")
-            if not np.array_equal(frames[:-1], self._last_obs.reshape(self.frame_stack, -1)[1:]):
+            if not shifted(self._layout.frames(self._last_obs), frames):
                 raise ValueError("observation is not the previous stack shifted by one frame; "
                                  "frames must be added in the order the environment produced them")
 
@@ -162,21 +165,22 @@ class ReplayBuffer:
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Draw batch_size transitions: (obs, action, reward (B,1), discount (B,1), next_obs) as numpy."""
         with self._lock:
-            if not self.can_sample:
-                raise RuntimeError("the replay buffer holds no complete transition yet "
-                                   f"(an episode needs at least nstep={self.nstep} steps after its first)")
-            return self._gather(self._draw(self.batch_size))
+            return self._sample_locked()
+
+    def _sample_locked(self) -> tuple[np.ndarray, ...]:
+        """sample() for a caller that holds the lock."""
+        if not self.can_sample:
+            raise RuntimeError("the replay buffer holds no complete transition yet "
+                               f"(an episode needs at least nstep={self.nstep} steps after its first)")
+        return self._gather(self._draw(self.batch_size))
 
     def _gather(self, steps: np.ndarray) -> tuple[np.ndarray, ...]:
         """The transitions whose action steps are `steps` (all valid)."""
         start = self._episode_start[steps % self.capacity]
-        back = np.arange(self.frame_stack - 1, -1, -1)
-        ids = np.stack([np.maximum(steps[:, None] - 1 - back, start[:, None]),
-                        np.maximum(steps[:, None] + self.nstep - 1 - back, start[:, None])])
-        frames = np.empty((2 * len(steps) * self.frame_stack, int(np.prod(self._frame_shape))),
-                          dtype=np.uint8)
-        self._frames.decode(ids.reshape(-1), frames)
-        obs = frames.reshape(2, len(steps), *self.obs_shape)
+        frames = np.empty((2 * len(steps), self.frame_stack, self._layout.frame_size), dtype=np.uint8)
+        decode_stacks(self._frames, np.concatenate([steps - 1, steps + self.nstep - 1]),
+                      np.concatenate([start, start]), frames)
+        obs = self._layout.stacks(frames).reshape(2, len(steps), *self.obs_shape)
 
         action = self._action[steps % self.capacity]
         reward = np.zeros(len(steps), dtype=np.float32)
@@ -238,38 +242,61 @@ def _json_array(value: object) -> np.ndarray:
     return np.frombuffer(bytearray(json.dumps(value).encode()), dtype=np.uint8)
 
 
-def prefetch(buffer: ReplayBuffer, device: torch.device | str) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Iterate over batches sampled one ahead in a background thread, as tensors (pinned on CUDA)."""
-    pin = torch.device(device).type == "cuda"
-    batches: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
+class Prefetcher:
+    """Batches of a ReplayBuffer as tensors (pinned on CUDA), each sampled in a background thread while the
+    previous one is in use.
 
-    def produce() -> None:
-        while not stop.is_set():
-            try:
-                batch = tuple(torch.from_numpy(x) for x in buffer.sample())
-                if pin:
-                    batch = tuple(x.pin_memory() for x in batch)
-            except Exception as error:  # re-raised in the consumer rather than lost with the thread
-                batch = error
-            while not stop.is_set():
-                try:
-                    batches.put(batch, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(batch, Exception):
-                return
+    The next batch is drawn when the current one is handed out: the buffer's lock is taken right then and
+    released by the thread once the batch is gathered, so adds wait for it and what is drawn never depends
+    on thread timing. state_dict() is that drawn-ahead batch: saved with the buffer's state_dict (taken
+    after it) and given back as `pending`, it makes a restored run hand out the batches the original would.
+    """
 
-    thread = threading.Thread(target=produce, daemon=True, name="replay-prefetch")
-    thread.start()
-    try:
-        while True:
-            batch = batches.get()
-            if isinstance(batch, Exception):
-                raise batch
-            yield batch
-    finally:
-        # Wait for the thread: one still freeing tensors while Python shuts down aborts the process.
-        stop.set()
-        thread.join()
+    def __init__(self, buffer: ReplayBuffer, device: torch.device | str,
+                 pending: dict[str, np.ndarray] | None = None):
+        self._buffer = buffer
+        self._pin = torch.device(device).type == "cuda"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-prefetch")
+        self._next: Future | None = None
+        if pending:
+            self._next = Future()
+            self._next.set_result(self._tensors(tuple(np.array(pending[key]) for key in BATCH_KEYS)))
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        if self._next is None:
+            self._request()
+        batch = self._next.result()  # re-raises what sampling raised
+        self._request()
+        return batch
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The batch drawn ahead and not handed out yet, as numpy arrays by BATCH_KEYS ({} before the first)."""
+        if self._next is None:
+            return {}
+        return {key: x.numpy() for key, x in zip(BATCH_KEYS, self._next.result())}
+
+    def close(self) -> None:
+        """Let the batch being drawn finish (it holds the buffer's lock) and stop the thread."""
+        self._executor.shutdown(wait=True)
+
+    def _request(self) -> None:
+        self._buffer._lock.acquire()
+        try:
+            self._next = self._executor.submit(self._sample_and_release)
+        except BaseException:
+            self._buffer._lock.release()
+            raise
+
+    def _sample_and_release(self) -> tuple[torch.Tensor, ...]:
+        try:
+            batch = self._buffer._sample_locked()
+        finally:
+            self._buffer._lock.release()
+        return self._tensors(batch)
+
+    def _tensors(self, batch: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
+        tensors = tuple(torch.from_numpy(x) for x in batch)
+        return tuple(x.pin_memory() for x in tensors) if self._pin else tensors

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-VERSION = 1
-# Settings that shape the saved agent, replay buffer or environments; a resume may not change
-# them (training length, evaluation, logging and the like may change). The learning rate is among
-# them because the restored optimizer state carries the saved one.
+# Format of the contents; raised whenever a key is added or changes meaning, so that old files are refused.
+VERSION = 2
+# Settings that shape the saved agent, replay buffer or environments, or name the run (seed); a resume
+# may not change them (training length, evaluation, logging and the like may change). The learning rate
+# is among them because the restored optimizer state carries the saved one.
 FIXED_ON_RESUME = ('task.name', 'compression', 'grayscale', 'floor', 'frame_stack', 'action_repeat',
                    'replay_buffer_size', 'nstep', 'discount', 'agent.feature_dim', 'agent.hidden_dim',
-                   'agent.lr')
+                   'agent.lr', 'seed')
 
 
 class SnapshotError(Exception):

@@ -1,6 +1,7 @@
 """Train DrQ-v2 on a pixel-based DMC task with an on-disk (none) or in-RAM (half/full) replay buffer."""
+import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import hydra
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from dm_env import specs
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 import envs
 import snapshot
@@ -35,7 +37,7 @@ def validate_config(cfg: DictConfig) -> None:
         if not isinstance(cfg.replay_buffer_size, int) or cfg.replay_buffer_size < needed:
             problems.append(f'replay_buffer_size={cfg.replay_buffer_size!r} is too small; allowed: an integer '
                             f'>= frame_stack + nstep = {needed}')
-    for key in ('key_interval', 'anchor_interval'):
+    for key in ('key_interval', 'anchor_interval', 'decode_threads'):
         value = cfg.compression.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f'compression.{key}={value!r} is invalid; allowed: an integer >= 1')
@@ -49,7 +51,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 def buffer_kwargs(cfg: DictConfig) -> dict:
     """ReplayBuffer arguments set by the compression group: full's intervals and compression.buffer."""
-    kwargs = {key: cfg.compression[key] for key in ('key_interval', 'anchor_interval') if key in cfg.compression}
+    kwargs = {key: cfg.compression[key] for key in ('key_interval', 'anchor_interval', 'decode_threads')
+              if key in cfg.compression}
     if 'buffer' in cfg.compression:
         kwargs.update(OmegaConf.to_container(cfg.compression.buffer, resolve=True))
     return kwargs
@@ -68,7 +71,7 @@ class Workspace:
         OmegaConf.save(cfg, self.work_dir / 'config.yaml', resolve=True)
         utils.set_seed_everywhere(cfg.seed)
         self.device = utils.resolve_device(cfg.device)
-        self.setup(resumed['logger'] if resumed else None)
+        self.setup(resumed)
         self.agent = hydra.utils.instantiate(
             cfg.agent, obs_shape=self.train_env.observation_spec().shape,
             action_shape=self.train_env.action_spec().shape, device=str(self.device))
@@ -79,10 +82,10 @@ class Workspace:
         if resumed:
             self.restore(resumed)
 
-    def setup(self, logger_state: Optional[dict] = None) -> None:
-        """Create logger (continuing logger_state's logs if given), envs, replay and video recorders."""
+    def setup(self, resumed: Optional[dict] = None) -> None:
+        """Create logger, envs, replay and video recorders (the logs and `none`'s episodes continuing resumed's)."""
         cfg = self.cfg
-        self.logger = Logger(self.work_dir, use_tb=cfg.use_tb, state=logger_state)
+        self.logger = Logger(self.work_dir, use_tb=cfg.use_tb, state=resumed['logger'] if resumed else None)
         env_kwargs = dict(name=cfg.task.name, frame_stack=cfg.frame_stack,
                           action_repeat=cfg.action_repeat, seed=cfg.seed,
                           grayscale=cfg.grayscale, floor=cfg.floor)
@@ -96,8 +99,11 @@ class Workspace:
             data_specs = (obs_spec, action_spec,
                           specs.Array((1,), np.float32, 'reward'),
                           specs.Array((1,), np.float32, 'discount'))
-            self.replay_storage = ReplayBufferStorage(data_specs, self.work_dir / 'buffer',
-                                                      max_size=cfg.replay_buffer_size)
+            # Episode files in the run dir that the snapshot does not list (all of them without one) are deleted.
+            with self._snapshot_errors():
+                self.replay_storage = ReplayBufferStorage(
+                    data_specs, self.work_dir / 'buffer', max_size=cfg.replay_buffer_size, nstep=cfg.nstep,
+                    state=snapshot.to_arrays(resumed['replay']) if resumed else None)
             self.replay_loader = make_replay_loader(
                 self.work_dir / 'buffer', cfg.replay_buffer_size, cfg.batch_size,
                 cfg.replay_buffer_num_workers, cfg.save_snapshot, cfg.nstep, cfg.discount)
@@ -110,6 +116,7 @@ class Workspace:
                 discount=cfg.discount, batch_size=cfg.batch_size, compression=self.mode,
                 seed=cfg.seed, **buffer_kwargs(cfg))
         self._replay_iter = None
+        self._prefetched = None  # a resumed in-RAM run's batch drawn before its snapshot, used first
 
         camera_id = 2 if cfg.task.name.startswith('quadruped') else 0
         self.video_recorder = VideoRecorder(self.work_dir if cfg.save_video else None,
@@ -148,17 +155,20 @@ class Workspace:
             if self.mode == 'none':
                 self._replay_iter = iter(self.replay_loader)
             else:
-                from replay_buffer import prefetch
-                self._replay_iter = prefetch(self.replay_storage, self.device)
+                from replay_buffer import Prefetcher
+                self._replay_iter = Prefetcher(self.replay_storage, self.device, pending=self._prefetched)
+                self._prefetched = None
         return self._replay_iter
 
     def eval(self) -> None:
         """Run num_eval_episodes with the policy mean and log the average return."""
-        if self.cfg.num_eval_episodes < 1:
+        episodes = self.cfg.num_eval_episodes
+        if episodes < 1:
             return
-        step, episode, total_reward = 0, 0, 0.0
-        eval_until_episode = utils.Until(self.cfg.num_eval_episodes)
-        while eval_until_episode(episode):
+        print(f'evaluating {episodes} episode{"s" * (episodes != 1)} at frame {self.global_frame}', flush=True)
+        step, total_reward = 0, 0.0
+        # A bar per episode on a terminal (disable=None: none in log files).
+        for episode in tqdm(range(episodes), desc='eval', unit='episode', leave=False, disable=None):
             time_step = self.eval_env.reset()
             self.video_recorder.init(self.eval_env, enabled=(episode == 0))
             while not time_step.last():
@@ -168,18 +178,17 @@ class Workspace:
                 self.video_recorder.record(self.eval_env)
                 total_reward += float(time_step.reward)
                 step += 1
-            episode += 1
             self.video_recorder.save(f'{self.global_frame}.mp4')
 
         with self.logger.log_and_dump_ctx(self.global_frame, ty='eval') as log:
-            log('episode_reward', total_reward / episode)
-            log('episode_length', step * self.cfg.action_repeat / episode)
+            log('episode_reward', total_reward / episodes)
+            log('episode_length', step * self.cfg.action_repeat / episodes)
             log('episode', self.global_episode)
             log('step', self.global_step)
             log('total_time', self.timer.total_time())
 
     def train(self) -> None:
-        """Collect experience and update the agent until num_train_frames."""
+        """Collect experience and update the agent until the first episode end at or after num_train_frames."""
         cfg = self.cfg
         train_until_step = utils.Until(cfg.num_train_frames, cfg.action_repeat)
         seed_until_step = utils.Until(cfg.num_seed_frames, cfg.action_repeat)
@@ -187,11 +196,14 @@ class Workspace:
 
         if not train_until_step(self.global_step):
             return  # nothing left to train (resumed from the final snapshot)
+        if seed_until_step(self.global_step):
+            print(f'collecting {cfg.num_seed_frames} seed frames before the first update', flush=True)
+        updating = False
         episode_step, episode_reward = 0, 0.0
         time_step = self.train_env.reset()
         self.replay_storage.add(time_step)
         self.train_video_recorder.init(time_step.observation)
-        while train_until_step(self.global_step):
+        while True:
             if time_step.last():
                 self._global_episode += 1
                 self.train_video_recorder.save(f'{self.global_frame}.mp4')
@@ -208,9 +220,14 @@ class Workspace:
                     log('buffer_bytes_per_step', self.replay_storage.bytes_per_step)
                     log('step', self.global_step)
 
-                # Between episodes the replay holds only finished ones: the resumed run starts a new one.
-                if cfg.save_snapshot and self.global_frame - self._snapshot_frame >= cfg.snapshot_every_frames:
+                # Training ends and snapshots are taken only here, between episodes: every logged episode is
+                # complete, and a resumed run starts a new episode just as the uninterrupted run does next.
+                done = not train_until_step(self.global_step)
+                if cfg.save_snapshot and (done or self.global_frame - self._snapshot_frame
+                                          >= cfg.snapshot_every_frames):
                     self.save_snapshot()
+                if done:
+                    break
                 time_step = self.train_env.reset()
                 self.replay_storage.add(time_step)
                 self.train_video_recorder.init(time_step.observation)
@@ -224,6 +241,9 @@ class Workspace:
 
             # Seed frames only collect data; the agent explores uniformly for num_expl_steps anyway.
             if not seed_until_step(self.global_step) and self.replay_ready:
+                if not updating:
+                    print(f'updating the agent from frame {self.global_frame}', flush=True)
+                    updating = True
                 metrics = self.agent.update(self.replay_iter, self.global_step)
                 self.logger.log_metrics(metrics, self.global_frame, ty='train')
 
@@ -234,39 +254,55 @@ class Workspace:
             episode_step += 1
             self._global_step += 1
 
-        if cfg.save_snapshot:
-            self.save_snapshot()
-
     def _env_generators(self) -> list:
         return [env.task.random for env in (self.train_env, self.eval_env)]
 
+    def _prefetched_batch(self) -> dict:
+        """The in-RAM replay's batch drawn for the next update and not used yet ({} if none)."""
+        if self.mode == 'none':
+            return {}  # the disk loader's workers draw on their own schedule: not reproducible
+        if self._replay_iter is None:
+            return self._prefetched or {}
+        return self._replay_iter.state_dict()
+
     def save_snapshot(self) -> None:
         """Atomically write agent, optimizers, counters, logs' state, RNG states and replay to snapshot.pt."""
+        # The drawn-ahead batch first: the buffer's sampler state is the one after drawing it.
+        prefetched = self._prefetched_batch()
         snapshot.save(self.snapshot_path, self.cfg, {
             'global_step': self._global_step, 'global_episode': self._global_episode,
             'timer': self.timer.state_dict(), 'logger': self.logger.state_dict(),
             'agent': self.agent.state_dict(), 'rng': snapshot.rng_state(self._env_generators()),
-            'replay': snapshot.to_tensors(self.replay_storage.state_dict())})
+            'replay': snapshot.to_tensors(self.replay_storage.state_dict()),
+            'prefetched': snapshot.to_tensors(prefetched)})
         self._snapshot_frame = self.global_frame
+
+    @contextlib.contextmanager
+    def _snapshot_errors(self) -> Iterator[None]:
+        """Turn an error restoring the snapshot's contents into a SnapshotError naming the file."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise snapshot.SnapshotError(f'cannot resume from {self.snapshot_path}: {error!r}') from error
 
     def restore(self, state: dict) -> None:
         """Continue from a snapshot's state (see save_snapshot); SnapshotError if it does not fit this run."""
-        try:
+        with self._snapshot_errors():
             self.agent.load_state_dict(state['agent'])
-            self.replay_storage.load_state_dict(snapshot.to_arrays(state['replay']))
+            if self.mode != 'none':  # none's storage took its state in setup
+                self.replay_storage.load_state_dict(snapshot.to_arrays(state['replay']))
+                self._prefetched = snapshot.to_arrays(state['prefetched'])
             self.timer.load_state_dict(state['timer'])
             snapshot.set_rng_state(state['rng'], self._env_generators())
             self._global_step, self._global_episode = state['global_step'], state['global_episode']
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise snapshot.SnapshotError(f'cannot resume from {self.snapshot_path}: {error!r}') from error
         self._snapshot_frame = self.global_frame
         print(f'resuming from {self.snapshot_path} at frame {self.global_frame} (step {self.global_step}, '
               f'episode {self.global_episode}) with {len(self.replay_storage)} steps in the replay buffer')
 
     def close(self) -> None:
         """Stop replay workers/threads and flush logs (matters for multirun in one process)."""
-        # The in-RAM prefetcher is a generator whose close() stops its sampling thread; dropping
-        # the DataLoader iterator shuts its workers down.
+        # The in-RAM prefetcher's close() stops its sampling thread; dropping the DataLoader iterator
+        # shuts its workers down.
         close = getattr(self._replay_iter, 'close', None)
         if close is not None:
             close()

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 from torch import distributions as pyd
 from torch.distributions.utils import _standard_normal
 
@@ -37,6 +38,21 @@ def set_seed_everywhere(seed: int) -> None:
     np.random.seed(seed)
     # random.seed only accepts python ints (numpy ints raise TypeError on 3.11+).
     random.seed(seed)
+
+
+SWEEP_SUFFIX_CHARS = 150
+
+
+def sweep_suffix(override_dirname: str) -> str:
+    """'_' + a sweep job's other overrides as a safe part of a directory name (at most 150 chars); '' if none."""
+    if not override_dirname:
+        return ''
+    # '/' would nest directories, quotes and spaces need escaping in a shell; the job number keeps names unique
+    return '_' + re.sub(r'[^A-Za-z0-9._,=+-]', '_', override_dirname)[:SWEEP_SUFFIX_CHARS]
+
+
+# cfgs/config.yaml names every sweep job's directory with it; Hydra resolves it when the job starts.
+OmegaConf.register_new_resolver('sweep_suffix', sweep_suffix, replace=True)
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 from dm_env import StepType, specs
+from torch.utils.data import DataLoader
 
-from disk_replay import ReplayBufferStorage, load_episode, make_replay_loader
+from disk_replay import ReplayBuffer, ReplayBufferStorage, _worker_init_fn, load_episode, make_replay_loader
 from envs import ExtendedTimeStep
 
 OBS_SHAPE = (3, 4, 4)
@@ -56,8 +57,27 @@ def test_storage_writes_npz_episodes(tmp_path):
     assert episode['reward'].dtype == np.float32 and episode['reward'].shape == (EPISODE_LEN + 1, 1)
     np.testing.assert_allclose(episode['reward'][:, 0], REWARDS)
     np.testing.assert_allclose(episode['discount'][:, 0], DISCOUNTS, rtol=1e-6)
-    # A new storage in the same dir without a snapshot counts what is already there, as upstream.
-    assert len(ReplayBufferStorage(DATA_SPECS, tmp_path)) == EPISODE_LEN + 3
+
+
+
+def test_new_run_deletes_an_earlier_runs_episodes_and_samples_only_its_own(tmp_path, capsys):
+    earlier = ReplayBufferStorage(DATA_SPECS, tmp_path)
+    for _ in range(3):
+        add_episode(earlier, offset=100)
+    state = earlier.state_dict()
+    # Continuing from a snapshot's state keeps the episodes it lists.
+    assert len(ReplayBufferStorage(DATA_SPECS, tmp_path, state=state)) == 3 * EPISODE_LEN
+    assert len(list(tmp_path.glob('*.npz'))) == 3
+
+    storage = ReplayBufferStorage(DATA_SPECS, tmp_path)  # a new run: no snapshot resumes those episodes
+    assert f'deleting 3 episode files of an earlier run from {tmp_path}' in capsys.readouterr().out
+    assert len(storage) == 0 and storage.nbytes == 0 and not list(tmp_path.glob('*.npz'))
+    add_episode(storage)
+    assert [f.stem.split('_', 1)[1] for f in tmp_path.glob('*.npz')] == [f'0_{EPISODE_LEN}']
+    loader = make_replay_loader(tmp_path, max_size=1000, batch_size=64, num_workers=0,
+                                save_snapshot=True, nstep=1, discount=0.99)
+    obs = next(iter(loader))[0]
+    assert int(obs.max()) < 100  # every sample from this run's episode
 
 
 def test_storage_state_round_trip_drops_episodes_after_the_snapshot(tmp_path):
@@ -66,8 +86,7 @@ def test_storage_state_round_trip_drops_episodes_after_the_snapshot(tmp_path):
     add_episode(storage, length=3)
     state = storage.state_dict()
     add_episode(storage, length=2)  # after the snapshot: written, then the run is killed
-    resumed = ReplayBufferStorage(DATA_SPECS, tmp_path)
-    resumed.load_state_dict(state)
+    resumed = ReplayBufferStorage(DATA_SPECS, tmp_path, state=state)
     assert len(resumed) == EPISODE_LEN + 3 and resumed.nbytes == (EPISODE_LEN + 3 + 2) * STEP_BYTES
     assert sorted(f.stem.split('_', 1)[1] for f in tmp_path.glob('*.npz')) == [f'0_{EPISODE_LEN}', '1_3']
     add_episode(resumed, length=4)  # collected again under the next index
@@ -135,4 +154,45 @@ def test_worker_with_empty_shard_borrows_an_episode(tmp_path):
     replay_iter = iter(loader)
     batches = [next(replay_iter) for _ in range(4)]
     assert all(b[0].shape == (4, *OBS_SHAPE) for b in batches)
+    del replay_iter
+
+
+def test_episode_shorter_than_nstep_is_not_written_and_the_loader_skips_one(tmp_path):
+    storage = ReplayBufferStorage(DATA_SPECS, tmp_path, nstep=3)
+    add_episode(storage, length=2, offset=100)  # holds no 3-step transition
+    assert len(storage) == 0 and not list(tmp_path.glob('*.npz'))
+    add_episode(storage)
+    assert len(storage) == EPISODE_LEN and len(list(tmp_path.glob('*.npz'))) == 1
+    # A loader reading a directory written by other means skips such an episode too.
+    other = ReplayBufferStorage(DATA_SPECS, tmp_path / 'other', nstep=1)
+    add_episode(other, length=2, offset=100)
+    add_episode(other)
+    loader = make_replay_loader(tmp_path / 'other', max_size=1000, batch_size=64, num_workers=0,
+                                save_snapshot=True, nstep=3, discount=0.99)
+    replay_iter = iter(loader)
+    for _ in range(5):
+        obs = next(replay_iter)[0]
+        assert int(obs.max()) < 100
+
+
+def test_files_kept_for_borrowing_are_deleted_once_every_shard_has_an_episode(tmp_path):
+    storage = ReplayBufferStorage(DATA_SPECS, tmp_path)
+    add_episode(storage)
+    # fetch_every=1: every worker looks for new episodes at every sample
+    dataset = ReplayBuffer(tmp_path, max_size=1000, num_workers=2, nstep=1, discount=0.99, fetch_every=1,
+                           save_snapshot=False)
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=_worker_init_fn,
+                        multiprocessing_context='fork', timeout=60)
+    replay_iter = iter(loader)
+    for _ in range(4):  # both workers sample: worker 1 from episode 0, which stays on disk for it
+        next(replay_iter)
+    assert len(list(tmp_path.glob('*.npz'))) == 1
+    for offset in (1, 2, 3):
+        add_episode(storage, offset=offset)
+    for _ in range(200):
+        next(replay_iter)
+        if not list(tmp_path.glob('*.npz')):
+            break
+    # every episode loaded by its worker, and no file left behind
+    assert not list(tmp_path.glob('*.npz'))
     del replay_iter

@@ -1,9 +1,15 @@
 """Frame stores decode exactly the frames they were given, whatever the content, wraps and growth."""
+import ctypes
+import mmap
+import pickle
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import obs_comp
 from obs_comp import DiffFrames, RawFrames, make_frame_store
 
 
@@ -22,22 +28,56 @@ def similar_frames(rng: np.random.Generator, count: int, shape: tuple, change: f
     return frames
 
 
+def scrolling_floor_frames(rng: np.random.Generator, count: int, height: int, width: int, channels: int) -> np.ndarray:
+    """(count, height, width, channels) frames of a checkerboard floor under a sky, scrolling by fractions
+    of a pixel, with a body moving over it: like DMC's floor under a tracking camera, most floor pixels
+    change a little every frame."""
+    colours = rng.integers(0, 256, (2, channels))
+    square, speed = rng.uniform(2, 6), rng.uniform(0.05, 0.6)
+    horizon = height // 3
+    y, x = np.mgrid[0:height, 0:width].astype(float)
+    frames = np.empty((count, height, width, channels), dtype=np.uint8)
+    for i in range(count):
+        # anti-aliased edges: the mean of the checker pattern over four sub-pixel samples
+        coverage = np.mean([((np.floor((x + dx + i * speed) / square) + np.floor((y + dy) / square)) % 2)
+                            for dx in (0.0, 0.5) for dy in (0.0, 0.5)], axis=0)
+        image = colours[0] + coverage[..., None] * (colours[1] - colours[0])
+        image[:horizon] = 40 + 3 * y[:horizon, :, None]  # sky
+        cx = int(width / 2 + width / 4 * np.sin(i / 5))
+        image[horizon:horizon + 4, max(cx - 2, 0):cx + 2] = 250  # body
+        frames[i] = np.clip(image, 0, 255).astype(np.uint8)
+    return frames
+
+
 @st.composite
 def frame_streams(draw):
-    shape = (draw(st.sampled_from([1, 3])), draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+    channels, height, width = draw(st.sampled_from([1, 3])), draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    layout = draw(st.sampled_from(["chw", "hwc", "hw"]))
+    shape = {"chw": (channels, height, width), "hwc": (height, width, channels), "hw": (height, width)}[layout]
     count = draw(st.integers(1, 120))
     starts = draw(st.lists(st.booleans(), min_size=count, max_size=count))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    frames = similar_frames(rng, count, shape, draw(st.sampled_from([0.02, 0.2, 0.6])))
+    if draw(st.booleans()):
+        frames = similar_frames(rng, count, shape, draw(st.sampled_from([0.02, 0.2, 0.6])))
+    else:
+        frames = scrolling_floor_frames(rng, count, height, width, 1 if layout == "hw" else channels)
+        frames = frames.transpose(0, 3, 1, 2) if layout == "chw" else frames
+        frames = np.ascontiguousarray(frames).reshape(count, *shape)
     return shape, frames, starts, rng
+
+
+# every way `full` may store a frame: its own choice with the default threshold (byte runs on frames
+# this small), the cheapest of all, byte runs only, entropy-coded wherever allowed
+REPRESENTATIONS = {"default": {}, "cheapest": {"min_entropy_saving": 0}, "runs": {"entropy": False},
+                   "entropy": {"min_entropy_saving": -(1 << 30)}}
 
 
 @settings(max_examples=150, deadline=None)
 @given(stream=frame_streams(), capacity=st.integers(1, 40), key_interval=st.integers(1, 5),
-       anchor_interval=st.integers(1, 12))
-def test_full_decodes_every_stored_frame_exactly(stream, capacity, key_interval, anchor_interval):
+       anchor_interval=st.integers(1, 12), representation=st.sampled_from(sorted(REPRESENTATIONS)))
+def test_full_decodes_every_stored_frame_exactly(stream, capacity, key_interval, anchor_interval, representation):
     shape, frames, starts, rng = stream
-    store = DiffFrames(capacity, shape, key_interval, anchor_interval)
+    store = DiffFrames(capacity, shape, key_interval, anchor_interval, **REPRESENTATIONS[representation])
     for i, (frame, start) in enumerate(zip(frames, starts)):
         store.append(frame, episode_start=start)
         stored = np.arange(max(0, i + 1 - capacity), i + 1)
@@ -71,17 +111,129 @@ def moving_blob_frames(count: int, size: int = 84) -> np.ndarray:
     return frames[:, None]
 
 
-def test_full_is_smaller_than_raw_on_similar_frames_and_reuses_its_arena():
+def test_full_is_smaller_than_raw_on_similar_frames():
     frames = moving_blob_frames(3000)
     store = DiffFrames(500, frames.shape[1:], key_interval=3, anchor_interval=100)
+    raw = RawFrames(500, frames.shape[1:])
     for i, frame in enumerate(frames):
         store.append(frame, episode_start=i % 400 == 0)
-        if i == 1000:
-            arena_after_first_wraps = store.nbytes
-    assert store.nbytes == arena_after_first_wraps  # steady state: old payload space is reused
+        raw.append(frame, episode_start=i % 400 == 0)
     assert store.payload_bytes <= store.nbytes
-    raw = RawFrames(500, frames.shape[1:]).nbytes
-    assert store.nbytes < raw / 5
+    assert raw.nbytes == 500 * frames[0].size
+    assert store.nbytes < raw.nbytes / 5
+
+
+def mapping_rss(array: np.ndarray) -> int:
+    """Resident bytes of the pages under `array`, as the kernel's mincore() reports them.
+
+    Counted page by page over the array's own range: /proc/self/smaps reports whole mappings, and the
+    kernel merges an arena's mapping with a neighbouring one of the same flags (another store's).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = array.ctypes.data // mmap.PAGESIZE * mmap.PAGESIZE
+    length = array.ctypes.data + array.nbytes - start
+    pages = (ctypes.c_ubyte * -(-length // mmap.PAGESIZE))()
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), pages) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return int((np.frombuffer(pages, dtype=np.uint8) & 1).sum()) * mmap.PAGESIZE
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore() on anonymous memory")
+
+
+@linux_only
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(20, 400), change=st.sampled_from([0.01, 0.3, 1.0]),
+       anchor_interval=st.integers(1, 60), chunk_pages=st.sampled_from([1, 4, 16]))
+def test_full_arena_never_moves_and_holds_only_live_pages(seed, capacity, change, anchor_interval, chunk_pages):
+    # Frames of 4 KiB, from barely changing to all new (raw), so the live payload rises and falls.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(obs_comp, "_RELEASE_CHUNK", chunk_pages * obs_comp._PAGE)
+        check_arena_against_kernel(seed, capacity, change, anchor_interval)
+
+
+def check_arena_against_kernel(seed, capacity, change, anchor_interval):
+    """Fill a `full` store and compare its arena with what the kernel reports resident for it."""
+    rng = np.random.default_rng(seed)
+    frames = similar_frames(rng, 1500, (1, 64, 64), change)
+    store = DiffFrames(capacity, (1, 64, 64), key_interval=4, anchor_interval=anchor_interval)
+    arena_address = store._arena.ctypes.data
+    slack = obs_comp._RELEASE_CHUNK + 2 * obs_comp._PAGE + frames[0].size  # unreleased chunk, partial pages, wrap
+    for i, frame in enumerate(frames):
+        store.append(frame, episode_start=rng.random() < 0.01)
+        if i % 50 == 0 or i == len(frames) - 1:
+            resident = mapping_rss(store._arena)
+            assert store._arena.ctypes.data == arena_address  # never copied to grow
+            assert resident <= store.payload_bytes + slack
+            assert abs(store.content_nbytes - min(i + 1, store._slots) * 16 - resident) <= frames[0].size + obs_comp._PAGE
+    ids = np.arange(len(frames) - capacity, len(frames))
+    out = np.empty((capacity, frames[0].size), dtype=np.uint8)
+    store.decode(ids, out)
+    np.testing.assert_array_equal(out, frames[ids].reshape(capacity, -1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.sampled_from([9, 64]), capacity=st.integers(1, 60),
+       key_interval=st.integers(1, 5), anchor_interval=st.integers(1, 12), mode=st.sampled_from(["half", "full"]),
+       change=st.sampled_from([0.02, 0.6]), data=st.data())
+def test_released_stores_still_decode_every_kept_frame(seed, size, capacity, key_interval, anchor_interval, mode,
+                                                       change, data):
+    # Front ends that keep fewer frames than capacity release the rest, in any pattern of calls; pages
+    # go back at every page, so a page released too early reads as zeros.
+    rng = np.random.default_rng(seed)
+    frames = similar_frames(rng, 150, (1, size, size), change)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(obs_comp, "_RELEASE_CHUNK", obs_comp._PAGE)
+        store = make_frame_store(mode, capacity, frames.shape[1:], key_interval, anchor_interval)
+        first_needed = 0
+        for i, frame in enumerate(frames):
+            store.append(frame, episode_start=rng.random() < 0.05)
+            if data.draw(st.booleans()):
+                first_needed = max(first_needed, data.draw(st.integers(0, i + 1)))
+                store.release(first_needed)
+            kept = np.arange(max(first_needed, i + 1 - capacity), i + 1)
+            out = np.empty((len(kept), frames[0].size), dtype=np.uint8)
+            store.decode(kept, out)
+            np.testing.assert_array_equal(out, frames[kept].reshape(len(kept), frames[0].size))
+
+
+@linux_only
+@pytest.mark.parametrize("mode", ["half", "full"])
+def test_released_frames_hand_their_pages_back(mode):
+    frames = np.random.default_rng(0).integers(0, 256, (4000, 1, 64, 64), dtype=np.uint8)  # incompressible
+    window = 300
+    store = make_frame_store(mode, 2 * window, frames.shape[1:], 4, 100)  # capacity 2x what is kept
+    for i, frame in enumerate(frames):
+        store.append(frame, episode_start=i % 500 == 0)
+        store.release(i + 1 - window)
+    resident = mapping_rss(store._arena if mode == "full" else store._frames)
+    kept_bytes = window * frames[0].size
+    assert resident <= kept_bytes + 100 * frames[0].size + obs_comp._RELEASE_CHUNK + 2 * obs_comp._PAGE
+    assert abs(store.content_nbytes - resident) <= 0.1 * resident
+
+
+@pytest.mark.parametrize("mode,options", [("half", {}), ("full", {}), ("full", REPRESENTATIONS["entropy"])])
+@pytest.mark.parametrize("released", [True, False])
+def test_stores_pickle_and_restore_their_state_exactly(mode, options, released):
+    frames = moving_blob_frames(740)
+    frames[::50] = 255 - frames[::50]
+    store = make_frame_store(mode, 256, frames.shape[1:], 4, 20, **options)
+    for i, frame in enumerate(frames[:700]):  # wraps the ring a few times
+        store.append(frame, episode_start=i % 90 == 0)
+    if released:
+        store.release(600)
+    restored = make_frame_store(mode, 256, frames.shape[1:], 4, 20, **options)
+    for frame in frames[:300]:  # a used store: its old contents must not leak into the restored state
+        restored.append(255 - frame, episode_start=False)
+    restored.load_state_dict(store.state_dict())
+    for copy in (pickle.loads(pickle.dumps(store)), restored):
+        for frame in frames[700:]:  # goes on as the original would
+            copy.append(frame, episode_start=False)
+        ids = np.arange(600, 740)
+        out = np.empty((len(ids), frames[0].size), dtype=np.uint8)
+        copy.decode(ids, out)
+        np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))
+    assert len(pickle.dumps(store)) < 2 * 256 * frames[0].size  # the reserved address space is not pickled
 
 
 def test_full_rejects_bad_settings():
@@ -153,7 +305,7 @@ def segment_frames(draw):
 @given(pair=segment_frames())
 def test_full_run_encoding_roundtrips_and_has_the_documented_size(pair):
     ref, frame = pair
-    store = DiffFrames(2, (1, 1, ref.size), key_interval=1, anchor_interval=2)
+    store = DiffFrames(2, (1, 1, ref.size), key_interval=1, anchor_interval=2, entropy=False)
     store.append(ref, episode_start=True)
     before = store.payload_bytes
     store.append(frame, episode_start=False)
@@ -171,15 +323,15 @@ def test_full_fallbacks_frame_differing_everywhere_and_all_black_frames():
     inverted = 255 - sky  # differs in every byte: stored raw
     black = np.zeros_like(sky)
     frames = np.stack([sky, inverted, black, black, sky, black, inverted, sky])
-    store = DiffFrames(len(frames), sky.shape, key_interval=2, anchor_interval=5)
+    store = DiffFrames(len(frames), sky.shape, key_interval=2, anchor_interval=5, entropy=False)
     for i, frame in enumerate(frames):
         store.append(frame, episode_start=i == 0)
     ids = rng.permutation(np.repeat(np.arange(len(frames)), 2))
     out = np.empty((len(ids), sky.size), dtype=np.uint8)
     store.decode(ids, out)
     np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))
-    assert store._num_runs[1] == -1  # the inverted frame fell back to raw
-    assert store._num_runs[3] == 0   # black after black: no runs at all
+    assert store._kinds[1] == obs_comp._RAW  # the inverted frame fell back to raw
+    assert store._kinds[3] == obs_comp._RUNS and store._params[3] == 0  # black after black: no runs
 
 
 def test_full_frames_decode_after_their_key_and_anchor_left_the_ring():
@@ -193,3 +345,40 @@ def test_full_frames_decode_after_their_key_and_anchor_left_the_ring():
             out = np.empty((capacity, frames[0].size), dtype=np.uint8)
             store.decode(ids, out)
             np.testing.assert_array_equal(out, frames[ids].reshape(capacity, -1))
+
+
+@pytest.fixture(scope="module")
+def rendered_floor_frames():
+    """Frames of walker_walk as the unmodified benchmark renders them (RGB with the floor), two episodes."""
+    from envs import make
+    env = make(name="walker_walk", frame_stack=1, action_repeat=2, seed=0, grayscale=False, floor=True)
+    rng = np.random.default_rng(0)
+    frames, starts = [], []
+    for length in (30, 25):
+        ts = env.reset()
+        frames.append(ts.observation)
+        starts.append(True)
+        for _ in range(length):
+            ts = env.step(rng.uniform(-1, 1, env.action_spec().shape).astype(np.float32))
+            frames.append(ts.observation)
+            starts.append(False)
+    return np.stack(frames), starts
+
+
+@pytest.mark.parametrize("decode_threads", [1, 3])
+def test_full_picks_entropy_coded_differences_on_rendered_floor_frames(rendered_floor_frames, decode_threads):
+    frames, starts = rendered_floor_frames
+    stores = {name: DiffFrames(40, frames.shape[1:], key_interval=4, anchor_interval=100,
+                               decode_threads=decode_threads, **options)
+              for name, options in (("default", {}), ("runs", {"entropy": False}))}
+    for frame, start in zip(frames, starts):
+        for store in stores.values():
+            store.append(frame, episode_start=start)
+    kinds = np.bincount(stores["default"]._kinds[:40], minlength=4)
+    assert kinds[obs_comp._ZPREV] > 0 and kinds[obs_comp._ZINTRA] > 0  # the floor makes byte runs large
+    assert stores["default"].payload_bytes < 0.75 * stores["runs"].payload_bytes
+    ids = np.random.default_rng(1).choice(np.arange(len(frames) - 40, len(frames)), size=90)
+    for store in stores.values():
+        out = np.empty((len(ids), frames[0].size), dtype=np.uint8)
+        store.decode(ids, out)
+        np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))

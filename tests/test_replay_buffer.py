@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from envs import ExtendedTimeStep
-from replay_buffer import ReplayBuffer, prefetch
+from replay_buffer import Prefetcher, ReplayBuffer
 
 FIRST, MID, LAST = 0, 1, 2
 
@@ -232,20 +232,53 @@ def test_mid_step_after_last_is_rejected():
 
 def test_prefetch_yields_tensors_and_reraises_errors():
     buf = _small_buffer(batch_size=5)
-    it = prefetch(buf, "cpu")
+    it = Prefetcher(buf, "cpu")
     with pytest.raises(RuntimeError, match="no complete transition"):
         next(it)
-    for ts in make_episodes(np.random.default_rng(0), [6], 3, (1, 4, 4), 2):
+    it.close()
+    for ts in make_episodes(np.random.default_rng(0), [6], 3, (1, 4, 4), 2):  # would block if the lock were kept
         buf.add(ts)
-    it = prefetch(buf, "cpu")
+    it = Prefetcher(buf, "cpu")
     obs, action, reward, discount, next_obs = next(it)
     assert obs.shape == (5, 3, 4, 4) and obs.dtype.is_floating_point is False
     assert reward.shape == (5, 1) and action.shape == (5, 2)
-    it.close()  # stops the background thread instead of leaving it blocked on a full queue
-    for thread in threading.enumerate():
-        if thread.name == "replay-prefetch":
-            thread.join(timeout=5)
-            assert not thread.is_alive()
+    it.close()  # stops the background thread, which holds the buffer's lock while it samples
+    assert not [t for t in threading.enumerate() if t.name.startswith("replay-prefetch") and t.is_alive()]
+
+
+def _train_on(buf, prefetcher, steps, start=0, snapshot_at=None):
+    """Add steps[start:] and draw a batch at every second step from the 4th on, like the trainer; the batches
+    drawn and, at step snapshot_at, (copy of the buffer's state, drawn-ahead batch) as a snapshot holds them."""
+    batches, saved = [], None
+    for i, ts in enumerate(steps[start:], start):
+        if i == snapshot_at:
+            pending = prefetcher.state_dict()  # first, as the trainer does
+            saved = ({k: np.array(v) for k, v in buf.state_dict().items()}, pending)
+        if i >= 4 and i % 2 == 0:
+            batches.append([x.numpy().copy() for x in next(prefetcher)])
+        buf.add(ts)
+    prefetcher.close()
+    return batches, saved
+
+
+@pytest.mark.parametrize("compression", ["half", "full"])
+def test_prefetcher_restored_from_a_snapshot_hands_out_the_uninterrupted_runs_batches(compression):
+    # 12-step episodes in a 20-step ring: the run overwrites steps after the snapshot too
+    steps = make_episodes(np.random.default_rng(3), [12] * 8, 3, (1, 4, 4), 2)
+    kwargs = dict(capacity=20, batch_size=6, compression=compression, seed=7)
+    snapshot_at = 48  # an episode boundary, as in train.py; batches were drawn ahead before it
+    buf = _small_buffer(**kwargs)
+    uninterrupted, (state, pending) = _train_on(buf, Prefetcher(buf, "cpu"), steps, snapshot_at=snapshot_at)
+    assert pending  # a batch was drawn ahead of what was used
+
+    restored = _small_buffer(**kwargs)
+    restored.load_state_dict(state)
+    resumed, _ = _train_on(restored, Prefetcher(restored, "cpu", pending=pending), steps, start=snapshot_at)
+    tail = uninterrupted[-len(resumed):]
+    assert len(resumed) == len([i for i in range(snapshot_at, len(steps)) if i % 2 == 0])
+    for got, want in zip(resumed, tail, strict=True):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 NBYTES_SCRIPT = """

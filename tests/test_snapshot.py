@@ -47,6 +47,8 @@ def test_save_replaces_atomically_and_load_checks_settings(tmp_path):
         snapshot.load(path, compose_cfg(['compression=half', 'frame_stack=4']))
     with pytest.raises(snapshot.SnapshotError, match=r"agent.lr=0.0005 \(snapshot: 0.0001\)"):
         snapshot.load(path, compose_cfg(['lr=5e-4']))  # a restored Adam state would keep the old rate
+    with pytest.raises(snapshot.SnapshotError, match=r"seed=2 \(snapshot: 1\)"):
+        snapshot.load(path, compose_cfg(['seed=2']))  # another run's snapshot, e.g. of another sweep job
     assert snapshot.load(path, compose_cfg(['num_train_frames=5', 'batch_size=8']))['step'] == 1
 
 
@@ -220,7 +222,7 @@ def test_sigkilled_run_resumes_from_its_snapshot(tmp_path, mode):
         assert hashlib.sha256(b''.join(x.tobytes() for x in buf.sample())).hexdigest() == saved['batch']
     train_before, eval_before = read_csv(run_dir / 'train.csv'), read_csv(run_dir / 'eval.csv')
 
-    cmd = _probe_command(tmp_path, run_dir, mode, frame + 1100)
+    cmd = _probe_command(tmp_path, run_dir, mode, frame + 1000)  # one more episode
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, 'PROBE_LOG': str(probe_log)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -228,8 +230,11 @@ def test_sigkilled_run_resumes_from_its_snapshot(tmp_path, mode):
     resumed = _probe_records(probe_log, 'resumed')
     assert resumed == [{**saved, 'event': 'resumed'}]
 
-    for name, before, rows_at_snapshot in [('train.csv', train_before, state['logger']['train_rows']),
-                                           ('eval.csv', eval_before, state['logger']['eval_rows'])]:
+    # The eval at the snapshot's frame came after it (and is logged again); training stops at the next
+    # episode end, before the eval there.
+    for name, before, rows_at_snapshot, last_frame in [
+            ('train.csv', train_before, state['logger']['train_rows'], frame + 1000),
+            ('eval.csv', eval_before, state['logger']['eval_rows'], frame)]:
         text = (run_dir / name).read_text()
         assert text.count(text.splitlines()[0]) == 1, text  # one header
         rows = read_csv(run_dir / name)
@@ -237,4 +242,4 @@ def test_sigkilled_run_resumes_from_its_snapshot(tmp_path, mode):
         assert frames == sorted(set(frames)), frames  # nothing logged twice, e.g. the eval after the snapshot
         kept = [{k: v for k, v in r.items() if v != ''} for r in rows[:rows_at_snapshot]]
         assert kept == [{k: v for k, v in r.items() if v != ''} for r in before[:rows_at_snapshot]]
-        assert frames[-1] == frame + 1000
+        assert frames[-1] == last_frame

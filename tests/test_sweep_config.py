@@ -1,6 +1,10 @@
-"""Hydra launcher configs for sweeps compose and resolve (needs requirements-sweep.txt, else skipped)."""
+"""Sweep configs: the job directory name, and Hydra launcher configs (those need requirements-sweep.txt,
+else they are skipped)."""
 import pytest
 from hydra import compose, initialize
+from omegaconf import open_dict
+
+import utils
 
 
 def launcher(overrides):
@@ -32,3 +36,18 @@ def test_joblib_launcher():
     cfg, _ = launcher(['hydra/launcher=joblib', 'hydra.launcher.n_jobs=4'])
     assert cfg._target_ == 'hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher'
     assert cfg.n_jobs == 4
+
+
+def test_sweep_job_dir_name_is_unique_safe_and_bounded():
+    overrides = ['compression.key_interval=8', 'seed=3', 'num_train_frames=5000', '+note=' + 'x/' * 200]
+    with initialize(config_path='../cfgs', version_base=None):
+        cfg = compose('config', overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.num = 7
+    name = cfg.hydra.sweep.subdir
+    # the job number, task, mode and seed, then the other overrides (sorted, num_train_frames left out),
+    # '/' replaced and cut to 150 characters
+    assert name == '7_walker_walk_full_s3_' + ('+note=' + 'x_' * 200)[:150]
+    assert utils.sweep_suffix("compression.key_interval=2,lr=1e-4,x='a b'") == \
+        "_compression.key_interval=2,lr=1e-4,x=_a_b_"
+    assert utils.sweep_suffix('') == ''

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from bench import table1
+from tests.test_train import compose_cfg
 
 SEED_FRAMES = 1000
 R = 1_000_000
@@ -200,6 +201,19 @@ def test_dry_run_gives_every_mode_the_same_overrides(capsys, tmp_path):
     assert {'num_train_frames=3008', 'num_seed_frames=1000', 'eval_every_frames=null', 'batch_size=32',
             'nstep=3', 'device=cpu', 'OMP_NUM_THREADS=1'} <= set(shared[0])
     assert commands[0][-1] == f'hydra.run.dir={tmp_path / "t" / "runs" / "walker_walk_none_s1"}'
+
+
+def test_standard_variant_trains_every_mode_on_rgb_with_the_floor(capsys, tmp_path):
+    assert table1.main(['--dry-run', '--standard', '--tasks', 'walker_walk', '--device', 'cpu',
+                        '--out', str(tmp_path / 't')]) == 0
+    commands = [line.split() for line in capsys.readouterr().out.splitlines() if 'train.py' in line]
+    by_mode = {next(a for a in c if a.startswith('compression=')): c for c in commands}
+    for mode in ('compression=half', 'compression=full'):
+        assert {'grayscale=false', 'floor=true'} <= set(by_mode[mode])
+    assert 'grayscale=false' not in by_mode['compression=none']  # the baseline is RGB with the floor already
+    composed = [compose_cfg([a for a in by_mode[mode] if '=' in a and not a.startswith(('hydra.', 'OMP_'))])
+                for mode in by_mode]
+    assert {(cfg.grayscale, cfg.floor) for cfg in composed} == {(False, True)}
 
 
 def test_no_train_tabulates_existing_runs(tmp_path):
