@@ -1,0 +1,353 @@
+"""stable-baselines3 buffers that keep stacked image observations compressed in RAM, losslessly.
+
+    QRDQN("CnnPolicy", env, replay_buffer_class=CompressedReplayBuffer)      # DQN, QR-DQN, any off-policy algorithm
+    PPO("CnnPolicy", env, rollout_buffer_class=CompressedRolloutBuffer)      # PPO, A2C
+
+Both subclass SB3's own buffers and change only where observations are kept. Each env streams its
+frames into one obs_comp frame store (`half`: raw frames, `full`: differentially encoded), and every
+slot where SB3 keeps an observation stack holds a 64-bit stack code instead:
+  * a stack equal to the env's previous stack (obs_t is next_obs_{t-1} unless an episode ended)
+    reuses the previous stack's code;
+  * a stack that is the previous one shifted by one frame adds its newest frame to the store;
+  * a reset stack, padded with zeros (VecFrameStack) or with its own frame (FrameStackObservation),
+    starts a new stream with its one frame;
+  * any other stack is kept whole, as SB3 would keep it.
+Every rule is checked byte for byte (frame_stacks.py), so every observation comes back exactly.
+SB3's code does everything else: positions, actions, rewards, dones, time-outs and the index draws
+from numpy's global RNG. It indexes the code arrays exactly where it would index observations, and
+the codes are decoded on the way out, so the same add() calls under the same seed give sample() and
+get() batches byte-identical to SB3's ReplayBuffer (optimize_memory_usage=False) and RolloutBuffer.
+Note that `.observations` (and `.next_observations`) therefore hold codes, not images.
+
+Verified stacks add at most two frames per stored step (a reset obs and a next_obs), so a store of
+`2 * buffer_size + frame_stack` frames holds every frame a stored step refers to; the buffers tell
+each store which frames no stored step needs any more, and their memory goes back (obs_comp).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
+from stable_baselines3.common.preprocessing import get_obs_shape
+from stable_baselines3.common.type_aliases import RolloutBufferSamples
+from stable_baselines3.common.vec_env import VecNormalize
+
+from frame_stacks import StackLayout, decode_stacks, reset_padding, same_bytes, shifted
+from obs_comp import make_frame_store
+
+COMPRESSIONS = ("half", "full")
+# full's codec on Atari frames (bench/table2.py --sweep on the ten games of Table II): byte runs only, as
+# obs_comp's entropy-coded differences save little on most games and slow sampling down where they kick in
+KEY_INTERVAL, ANCHOR_INTERVAL = 3, 200
+FULL_OPTIONS = {"entropy": False}
+# The space SB3 is shown when it builds its observation arrays: one int64 stack code per slot.
+_CODE_SPACE = spaces.Box(low=np.iinfo(np.int64).min, high=np.iinfo(np.int64).max, shape=(1,), dtype=np.int64)
+
+
+def stack_layout(observation_space: spaces.Space, frame_stack: int, channels_last: Optional[bool],
+                 owner: str) -> StackLayout:
+    """Check that the space holds uint8 frame stacks and say where the frames lie (the first or last axis)."""
+    if not isinstance(observation_space, spaces.Box) or observation_space.dtype != np.uint8 \
+            or len(observation_space.shape) < 2:
+        raise ValueError(f"{owner} stores uint8 image observations (a uint8 Box of 2 or more dimensions); "
+                         f"got observation space {observation_space}. Use SB3's own buffer for this space.")
+    shape = observation_space.shape
+    if channels_last is None:  # whichever end frame_stack divides, the shorter one if both (SB3's channel rule)
+        first_fits, last_fits = shape[0] % frame_stack == 0, shape[-1] % frame_stack == 0
+        channels_last = last_fits and (not first_fits or shape[-1] < shape[0])
+    try:
+        return StackLayout(shape, frame_stack, channels_last)
+    except ValueError as error:
+        raise ValueError(f"{owner}: {error}; pass frame_stack= (1 for observations without frame stacking) "
+                         "and channels_last= to match how the observations are stacked") from None
+
+
+class FrameStreams:
+    """Each env's stacked observations as frames in its own frame store, a stack addressed by one int64 code.
+
+    A code is ((newest frame id * n_envs + env) * K + real frames - 1) * 2 + zero padded for stacks in
+    a store, and -1 - entry for a stack kept whole in the `whole` pool. Frames of a stack older than
+    its real frames are padding: copies of its oldest real frame, or zeros.
+    """
+
+    def __init__(self, layout: StackLayout, n_envs: int, frames_per_env: int, keep_latest: bool, compression: str,
+                 key_interval: int, anchor_interval: int, **full_options: Any):
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}: expected one of {COMPRESSIONS}")
+        self.layout, self.n_envs = layout, n_envs
+        self.stores = [make_frame_store(compression, frames_per_env, layout.frame_shape, key_interval,
+                                        anchor_interval, **full_options) for _ in range(n_envs)]
+        self.counts = np.zeros(n_envs, dtype=np.int64)  # frames appended to each env's store
+        # each env's newest stack, checked against the next one; < 0: none, or kept whole (nothing continues it)
+        self.latest_code = np.full(n_envs, -1, dtype=np.int64)
+        # a copy of it saves decoding it at every add, for frame_stack frames per env
+        self.latest = np.zeros((n_envs, layout.frame_stack, layout.frame_size), dtype=np.uint8) if keep_latest else None
+        self.whole = np.zeros((0, layout.frame_stack * layout.frame_size), dtype=np.uint8)
+        self.free_whole: list[int] = []
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the stores, the pool of whole stacks and the copies of each env's newest stack."""
+        return sum(store.nbytes for store in self.stores) + self.whole.nbytes + \
+            (0 if self.latest is None else self.latest.nbytes)
+
+    @property
+    def content_nbytes(self) -> int:
+        """Bytes that grow with what is stored: the stores' frames and the pool of whole stacks."""
+        return sum(store.content_nbytes for store in self.stores) + self.whole.nbytes
+
+    def check(self, obs: Any, name: str) -> np.ndarray:
+        """`obs` as a uint8 array (n_envs, *obs_shape), or ValueError naming what is wrong."""
+        obs = np.asarray(obs)
+        expected = (self.n_envs, *self.layout.obs_shape)
+        if obs.shape != expected or obs.dtype != np.uint8:
+            raise ValueError(f"{name} has shape {obs.shape} and dtype {obs.dtype}; expected {expected} uint8")
+        return obs
+
+    def encode(self, obs: np.ndarray, shift_first: bool = False, latest: Optional[np.ndarray] = None) -> np.ndarray:
+        """Store the stacks obs (n_envs, *obs_shape) as each env's next stack; their codes (n_envs,).
+
+        shift_first tries "shifted by one frame" before "equal" (next_obs usually is the shifted obs);
+        where both hold, either code decodes to the same bytes. `latest`, if given, are the stacks
+        encoded just before (saving their decoding).
+        """
+        frames = self.layout.frames(obs)
+        latest = None if latest is None else self.layout.frames(latest)
+        return np.array([self._encode(env, frames[env], obs[env], shift_first, None if latest is None else latest[env])
+                         for env in range(self.n_envs)], dtype=np.int64)
+
+    def _encode(self, env: int, frames: np.ndarray, obs: np.ndarray, shift_first: bool,
+                previous: Optional[np.ndarray]) -> int:
+        latest = int(self.latest_code[env])
+        if latest >= 0 and previous is None:
+            previous = self._stack_frames(env, latest) if self.latest is None else self.latest[env]
+        is_shift = latest >= 0 and shift_first and shifted(previous, frames)
+        if latest >= 0 and not is_shift and same_bytes(frames, previous):
+            return latest
+        if is_shift or (latest >= 0 and not shift_first and shifted(previous, frames)):
+            _, real, zero_padded = self._unpack(latest)
+            code = self._append(env, frames[-1], False, min(real + 1, self.layout.frame_stack), zero_padded)
+        else:
+            padding = reset_padding(frames)
+            if padding is None:
+                code = self._keep_whole(obs)
+            else:
+                code = self._append(env, frames[-1], True, 1, padding == "zeros")
+        self.latest_code[env] = code
+        if self.latest is not None:
+            self.latest[env] = frames
+        return code
+
+    def _append(self, env: int, frame: np.ndarray, episode_start: bool, real: int, zero_padded: bool) -> int:
+        """Append `frame` to env's store; the code of the stack it ends with `real` real frames."""
+        self.stores[env].append(frame, episode_start=episode_start)
+        newest = int(self.counts[env])
+        self.counts[env] += 1
+        return ((newest * self.n_envs + env) * self.layout.frame_stack + real - 1) * 2 + int(zero_padded)
+
+    def _stack_frames(self, env: int, code: int) -> np.ndarray:
+        """The frames (K, frame_size) of one stored stack of env."""
+        newest, real, zero_padded = self._unpack(code)
+        frames = np.empty((1, self.layout.frame_stack, self.layout.frame_size), dtype=np.uint8)
+        decode_stacks(self.stores[env], np.array([newest]), np.array([newest - real + 1]), frames,
+                      np.array([zero_padded]))
+        return frames[0]
+
+    def _unpack(self, code: int) -> tuple[int, int, bool]:
+        """(newest frame id, real frames, zero padded) of a stored stack's code."""
+        rest, zero_padded = divmod(code, 2)
+        rest, real = divmod(rest, self.layout.frame_stack)
+        return rest // self.n_envs, real + 1, bool(zero_padded)
+
+    def _keep_whole(self, obs: np.ndarray) -> int:
+        if not self.free_whole:
+            grown = np.zeros((max(2 * len(self.whole), 8), self.whole.shape[1]), dtype=np.uint8)
+            grown[:len(self.whole)] = self.whole
+            self.free_whole = list(range(len(grown) - 1, len(self.whole) - 1, -1))
+            self.whole = grown
+        entry = self.free_whole.pop()
+        self.whole[entry] = obs.reshape(-1)
+        return -1 - entry
+
+    def drop(self, codes: np.ndarray) -> None:
+        """Slots holding `codes` are being overwritten: their whole stacks' entries become free."""
+        self.free_whole.extend(int(-1 - code) for code in codes.reshape(-1) if code < 0)
+
+    def drop_all(self) -> None:
+        """No slot holds a code any more: every whole stack's entry is free."""
+        self.free_whole = list(range(len(self.whole) - 1, -1, -1))
+
+    def release_before(self, oldest: np.ndarray) -> None:
+        """oldest (n_envs, n) are the codes of the oldest stored step, in the order they were stored.
+
+        Each env's stacks were stored in order, and a stack never reaches back past the real frames of
+        a stack stored before it, so no frame before the first stored stack's will be read again.
+        """
+        for env in range(self.n_envs):
+            for code in oldest[env]:
+                if code >= 0:
+                    newest, real, _ = self._unpack(int(code))
+                    self.stores[env].release(newest - real + 1)
+                    break
+
+    def release_all(self) -> None:
+        """No step is stored: keep only each env's newest stack, which the next stack may continue."""
+        self.release_before(self.latest_code[:, None])
+        for env in np.flatnonzero(self.latest_code < 0):
+            self.stores[env].release(int(self.counts[env]))
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """The stacks (M, *obs_shape) of codes (M, ...)."""
+        codes = codes.reshape(-1)
+        frames = np.empty((len(codes), self.layout.frame_stack, self.layout.frame_size), dtype=np.uint8)
+        whole = codes < 0
+        stored = np.flatnonzero(~whole)
+        rest, zero_padded = np.divmod(codes[stored], 2)
+        rest, older_real = np.divmod(rest, self.layout.frame_stack)  # real frames before the newest
+        newest, env = np.divmod(rest, self.n_envs)
+        first = newest - older_real
+        if len(stored) == len(codes) and self.n_envs == 1:
+            decode_stacks(self.stores[0], newest, first, frames, zero_padded.astype(bool))
+        else:
+            for e in np.unique(env):
+                rows = env == e
+                part = np.empty((int(rows.sum()), *frames.shape[1:]), dtype=np.uint8)
+                decode_stacks(self.stores[e], newest[rows], first[rows], part, zero_padded[rows].astype(bool))
+                frames[stored[rows]] = part
+        stacks = self.layout.stacks(frames)
+        if whole.any():
+            stacks[whole] = self.whole[-1 - codes[whole]].reshape(-1, *self.layout.obs_shape)
+        return stacks
+
+
+class CompressedReplayBuffer(ReplayBuffer):
+    """SB3's ReplayBuffer with each frame stored once, differentially encoded ('full') or raw ('half'); same samples."""
+
+    def __init__(self, buffer_size: int, observation_space: spaces.Space, action_space: spaces.Space,
+                 device: th.device | str = "auto", n_envs: int = 1, optimize_memory_usage: bool = False,
+                 handle_timeout_termination: bool = True, *, compression: str = "full", frame_stack: int = 4,
+                 channels_last: Optional[bool] = None, key_interval: int = KEY_INTERVAL,
+                 anchor_interval: int = ANCHOR_INTERVAL, **full_options: Any):
+        if optimize_memory_usage:
+            raise ValueError("CompressedReplayBuffer stores each frame once already; optimize_memory_usage=True "
+                             "(which also gets next_obs wrong at time-outs) is not supported")
+        layout = stack_layout(observation_space, frame_stack, channels_last, type(self).__name__)
+        steps_per_env = max(buffer_size // n_envs, 1)
+        self._streams = FrameStreams(layout, n_envs, 2 * steps_per_env + frame_stack, True, compression,
+                                     key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
+        self.compression = compression
+        # SB3 builds (and checks free RAM for) observation arrays of the space it is given: codes.
+        super().__init__(buffer_size, _CODE_SPACE, action_space, device, n_envs, False, handle_timeout_termination)
+        self.observation_space = observation_space
+        self.obs_shape = get_obs_shape(observation_space)
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte the buffer holds: SB3's arrays (codes, actions, rewards, dones, time-outs) and the frames."""
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray)) + self._streams.nbytes
+
+    @property
+    def bytes_per_step(self) -> float:
+        """RAM per stored transition when full: capacity-sized arrays over capacity, stored frames over steps stored."""
+        content = self._streams.content_nbytes
+        return (self.nbytes - content) / (self.buffer_size * self.n_envs) + content / max(self.size() * self.n_envs, 1)
+
+    def add(self, obs: np.ndarray, next_obs: np.ndarray, action: np.ndarray, reward: np.ndarray,
+            done: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        """SB3's add(); observations are stored as frames. ValueError on bad input, with the buffer unchanged."""
+        obs = self._streams.check(obs, "obs")
+        next_obs = self._streams.check(next_obs, "next_obs")
+        _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
+                       done=(done, None), infos=(infos, self.n_envs))
+        if self.full:
+            self._streams.drop(np.stack([self.observations[self.pos], self.next_observations[self.pos]]))
+        # envs are independent streams: each env's obs is stored before its next_obs
+        obs_codes = self._streams.encode(obs)
+        next_codes = self._streams.encode(next_obs, shift_first=True, latest=obs)
+        super().add(obs_codes[:, None], next_codes[:, None], action, reward, done, infos)
+        oldest = self.pos if self.full else 0
+        self._streams.release_before(np.concatenate([self.observations[oldest], self.next_observations[oldest]], axis=1))
+
+    def reset(self) -> None:
+        """Forget every stored transition (SB3's reset) and the frames they held."""
+        super().reset()
+        self._streams.drop_all()
+        self._streams.release_all()
+
+    def _normalize_obs(self, obs: np.ndarray, env: Optional[VecNormalize] = None) -> np.ndarray:
+        """SB3's _get_samples passes the observations it indexed through here: decode the codes, then normalize as SB3 does."""
+        return super()._normalize_obs(self._streams.decode(obs), env)
+
+
+class CompressedRolloutBuffer(RolloutBuffer):
+    """SB3's RolloutBuffer with each frame stored once, differentially encoded ('full') or raw ('half'); same batches."""
+
+    def __init__(self, buffer_size: int, observation_space: spaces.Space, action_space: spaces.Space,
+                 device: th.device | str = "auto", gae_lambda: float = 1, gamma: float = 0.99, n_envs: int = 1, *,
+                 compression: str = "full", frame_stack: int = 4, channels_last: Optional[bool] = None,
+                 key_interval: int = KEY_INTERVAL, anchor_interval: int = ANCHOR_INTERVAL, **full_options: Any):
+        layout = stack_layout(observation_space, frame_stack, channels_last, type(self).__name__)
+        # A rollout's verified stacks add at most one frame per step to each env's store. The envs'
+        # newest stacks are decoded when checked rather than copied: copies would cost frame_stack
+        # frames per env, a large share of a short rollout's frames.
+        self._streams = FrameStreams(layout, n_envs, buffer_size + frame_stack, False, compression,
+                                     key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
+        self.compression = compression
+        super().__init__(buffer_size, observation_space, action_space, device, gae_lambda, gamma, n_envs)
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte the buffer holds: SB3's arrays (codes, actions, values, ...) and the frames."""
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray)) + self._streams.nbytes
+
+    @property
+    def bytes_per_step(self) -> float:
+        """RAM per stored step when full: capacity-sized arrays over capacity, stored frames over steps stored."""
+        content = self._streams.content_nbytes
+        return (self.nbytes - content) / (self.buffer_size * self.n_envs) + content / max(self.size() * self.n_envs, 1)
+
+    def reset(self) -> None:
+        """SB3's reset, with one int64 code per observation slot; the frames of the last rollout are let go."""
+        space, shape = self.observation_space, self.obs_shape
+        self.observation_space, self.obs_shape = _CODE_SPACE, (1,)  # what SB3 allocates observations for
+        try:
+            super().reset()
+        finally:
+            self.observation_space, self.obs_shape = space, shape
+        self._streams.drop_all()
+        self._streams.release_all()
+
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, episode_start: np.ndarray,
+            value: th.Tensor, log_prob: th.Tensor) -> None:
+        """SB3's add(); observations are stored as frames. ValueError on bad input, with the buffer unchanged."""
+        obs = self._streams.check(obs, "obs")
+        if self.pos >= self.buffer_size:
+            raise ValueError(f"the rollout buffer already holds {self.buffer_size} steps; reset() it first")
+        _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
+                       episode_start=(episode_start, None), value=(value, self.n_envs),
+                       log_prob=(log_prob, self.n_envs))
+        super().add(self._streams.encode(obs, shift_first=True)[:, None], action, reward, episode_start, value, log_prob)
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> RolloutBufferSamples:
+        """SB3's minibatch, its observations decoded from the codes SB3 indexed."""
+        samples = super()._get_samples(batch_inds, env)
+        return samples._replace(observations=self.to_torch(self._streams.decode(self.observations[batch_inds])))
+
+
+def _check_per_env(buffer: Any, **values: tuple[Any, Optional[int]]) -> None:
+    """Raise ValueError unless each value has `size` values, or (size None) one per env or one for all."""
+    for name, (value, size) in values.items():
+        if name == "infos":
+            if not isinstance(value, (list, tuple)) or len(value) != size:
+                raise ValueError(f"infos must be a list of {size} dicts, one per env")
+            continue
+        shape = tuple(value.shape) if isinstance(value, (np.ndarray, th.Tensor)) else np.shape(value)
+        if size is not None:
+            if math.prod(shape) != size:
+                raise ValueError(f"{name} has shape {shape}; expected {size} values ({buffer.n_envs} envs)")
+        elif shape != (buffer.n_envs,) and shape != ():
+            raise ValueError(f"{name} has shape {shape}; expected ({buffer.n_envs},), one per env")
