@@ -101,12 +101,13 @@ class FrameStreams:
         return sum(store.content_nbytes for store in self.stores) + self.whole.nbytes
 
     def check(self, obs: Any, name: str) -> np.ndarray:
-        """`obs` as a uint8 array (n_envs, *obs_shape), or ValueError naming what is wrong."""
+        """`obs` as a C-contiguous uint8 array (n_envs, *obs_shape), or ValueError naming what is wrong."""
         obs = np.asarray(obs)
         expected = (self.n_envs, *self.layout.obs_shape)
         if obs.shape != expected or obs.dtype != np.uint8:
             raise ValueError(f"{name} has shape {obs.shape} and dtype {obs.dtype}; expected {expected} uint8")
-        return obs
+        # VecTransposeImage hands over transposed views; one copy makes every frame comparison a fast one
+        return np.ascontiguousarray(obs)
 
     def encode(self, obs: np.ndarray, shift_first: bool = False, latest: Optional[np.ndarray] = None) -> np.ndarray:
         """Store the stacks obs (n_envs, *obs_shape) as each env's next stack; their codes (n_envs,).
@@ -200,6 +201,25 @@ class FrameStreams:
         for env in np.flatnonzero(self.latest_code < 0):
             self.stores[env].release(int(self.counts[env]))
 
+    def restart(self) -> None:
+        """No step is stored: each env's newest stack becomes a new stream of its real frames, and older frames go.
+
+        A rollout buffer starts each rollout this way: its first stack usually continues the newest one,
+        whose frames would otherwise keep their whole chain of references (back to an anchor frame up to
+        anchor_interval frames earlier) resident for another rollout.
+        """
+        self.drop_all()
+        for env in range(self.n_envs):
+            code = int(self.latest_code[env])
+            frames = None if code < 0 else self._stack_frames(env, code)
+            self.stores[env].release(int(self.counts[env]))
+            if frames is None:
+                continue
+            _, real, zero_padded = self._unpack(code)
+            for i, frame in enumerate(frames[-real:]):
+                code = self._append(env, frame, i == 0, i + 1, zero_padded)
+            self.latest_code[env] = code
+
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """The stacks (M, *obs_shape) of codes (M, ...)."""
         codes = codes.reshape(-1)
@@ -291,9 +311,10 @@ class CompressedRolloutBuffer(RolloutBuffer):
                  compression: str = "full", frame_stack: int = 4, channels_last: Optional[bool] = None,
                  key_interval: int = KEY_INTERVAL, anchor_interval: int = ANCHOR_INTERVAL, **full_options: Any):
         layout = stack_layout(observation_space, frame_stack, channels_last, type(self).__name__)
-        # A rollout's verified stacks add at most one frame per step to each env's store. The envs'
-        # newest stacks are decoded when checked rather than copied: copies would cost frame_stack
-        # frames per env, a large share of a short rollout's frames.
+        # A rollout's verified stacks add at most one frame per step to each env's store, after the up
+        # to frame_stack frames of the stack it continues (restart()). The envs' newest stacks are
+        # decoded when checked rather than copied: copies would cost frame_stack frames per env, a large
+        # share of a short rollout's frames.
         self._streams = FrameStreams(layout, n_envs, buffer_size + frame_stack, False, compression,
                                      key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
         self.compression = compression
@@ -318,8 +339,7 @@ class CompressedRolloutBuffer(RolloutBuffer):
             super().reset()
         finally:
             self.observation_space, self.obs_shape = space, shape
-        self._streams.drop_all()
-        self._streams.release_all()
+        self._streams.restart()
 
     def add(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, episode_start: np.ndarray,
             value: th.Tensor, log_prob: th.Tensor) -> None:

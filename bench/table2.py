@@ -10,8 +10,8 @@ Per game, one after another:
 1. Buffers: one random-policy stream of --buffer-steps transitions from QR-DQN's env (AtariWrapper, 4
    stacked frames, 1 env), added as QR-DQN adds them to SB3's ReplayBuffer, to ours (`half`, `full`)
    and to sb3-extra-buffers' CompressedReplayBuffer (--sb3x settings), all with 100k capacity. Adds
-   and samples (batch 32, numpy seeds 0..--samples-1) go round-robin over the buffers, so all see the
-   same load; our samples are checked byte-identical to SB3's. Bytes per transition count every byte
+   and samples (batch 32, numpy seeds 0..--samples-1, after one untimed warm-up sample each) go
+   round-robin over the buffers, so all see the same load; our samples are checked byte-identical to SB3's. Bytes per transition count every byte
    a buffer holds: capacity-sized arrays over the capacity, stored payload over the transitions stored
    (sb3-extra-buffers: its arrays plus sys.getsizeof of every compressed bytes object).
 2. QR-DQN and 3. PPO training (train_atari.py's RL Zoo settings, seed 1, --torch-threads threads):
@@ -136,6 +136,8 @@ def measure_buffers(game: str, args: argparse.Namespace, codec: dict[str, Any],
             start = time.perf_counter()
             buffer.add(*transition)
             add_time[name] += time.perf_counter() - start
+    for buffer in buffers.values():  # untimed: the first sample of a process pays for torch's and numba's warm-up
+        buffer.sample(BATCH)
     sample_time = dict.fromkeys(buffers, 0.0)
     equal = dict.fromkeys(buffers, True)
     for seed in range(args.samples):

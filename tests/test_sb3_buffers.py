@@ -235,6 +235,27 @@ def test_rollout_batches_equal_sb3s(seed, n_envs, frame_stack, channels_last, pa
         assert all(store.count - store.released <= n_steps + frame_stack for store in stores)
 
 
+def test_rollouts_do_not_keep_earlier_rollouts_frames():
+    # Anchors far apart: a stack continued into the next rollout would keep its whole chain of
+    # references resident (back to its anchor), unless the rollout restarts the stream.
+    rng = np.random.default_rng(0)
+    n_envs, n_steps = 2, 16
+    envs = StackingEnvs(rng, n_envs, 4, (1, 24, 24), False, "zeros", p_done=0.0)
+    buffer = CompressedRolloutBuffer(n_steps, envs.observation_space, envs.action_space, device="cpu",
+                                     n_envs=n_envs, compression="full", anchor_interval=1000)
+    obs, payload = envs.observe(envs.stacks), []
+    for _ in range(6):
+        buffer.reset()
+        for _ in range(n_steps):
+            buffer.add(obs, np.zeros((n_envs, 1)), np.zeros(n_envs, np.float32), np.zeros(n_envs, np.float32),
+                       torch.zeros(n_envs, 1), torch.zeros(n_envs))
+            obs = envs.step()[0]
+        payload.append(sum(store.payload_bytes for store in buffer._streams.stores))
+    frame_bytes = 24 * 24
+    assert max(payload[1:]) <= n_envs * (n_steps + 4) * frame_bytes  # one rollout and the stack it continues
+    assert max(payload[1:]) < 2 * min(payload)
+
+
 def atari_envs(wrapping, n_envs=2, seed=0):
     """Breakout with SB3's Atari wrappers, frames stacked as named."""
     import ale_py
