@@ -26,7 +26,7 @@ each store which frames no stored step needs any more, and their memory goes bac
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch as th
@@ -283,6 +283,12 @@ class CompressedReplayBuffer(ReplayBuffer):
         next_obs = self._streams.check(next_obs, "next_obs")
         _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
                        done=(done, None), infos=(infos, self.n_envs))
+        timeouts = {"infos": (self.timeouts[0], lambda: np.array([info.get("TimeLimit.truncated", False)
+                                                                  for info in infos]))}
+        _check_sb3_can_store(action=(self.actions[0], lambda: np.array(action.reshape((self.n_envs, self.action_dim)))),
+                             reward=(self.rewards[0], lambda: np.array(reward)),
+                             done=(self.dones[0], lambda: np.array(done)),
+                             **(timeouts if self.handle_timeout_termination else {}))
         if self.full:
             self._streams.drop(np.stack([self.observations[self.pos], self.next_observations[self.pos]]))
         # envs are independent streams: each env's obs is stored before its next_obs
@@ -350,6 +356,12 @@ class CompressedRolloutBuffer(RolloutBuffer):
         _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
                        episode_start=(episode_start, None), value=(value, self.n_envs),
                        log_prob=(log_prob, self.n_envs))
+        _check_sb3_can_store(action=(self.actions[0], lambda: np.array(action.reshape((self.n_envs, self.action_dim)))),
+                             reward=(self.rewards[0], lambda: np.array(reward)),
+                             episode_start=(self.episode_starts[0], lambda: np.array(episode_start)),
+                             value=(self.values[0], lambda: value.clone().cpu().numpy().flatten()),
+                             log_prob=(self.log_probs[0], lambda: (log_prob.reshape(-1, 1) if len(log_prob.shape) == 0
+                                                                   else log_prob).clone().cpu().numpy()))
         super().add(self._streams.encode(obs, shift_first=True)[:, None], action, reward, episode_start, value, log_prob)
 
     def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> RolloutBufferSamples:
@@ -371,3 +383,14 @@ def _check_per_env(buffer: Any, **values: tuple[Any, Optional[int]]) -> None:
                 raise ValueError(f"{name} has shape {shape}; expected {size} values ({buffer.n_envs} envs)")
         elif shape != (buffer.n_envs,) and shape != ():
             raise ValueError(f"{name} has shape {shape}; expected ({buffer.n_envs},), one per env")
+
+
+def _check_sb3_can_store(**conversions: tuple[np.ndarray, Callable[[], Any]]) -> None:
+    """Raise ValueError unless SB3's add() can store each value: conversions map a name to (a row of the array
+    SB3 fills, what SB3's add() assigns to it), tried here before any frame is stored."""
+    for name, (row, convert) in conversions.items():
+        try:
+            np.empty_like(row)[...] = convert()
+        except Exception as error:  # whatever SB3's add() would raise once our frames were stored
+            raise ValueError(f"{name} cannot be stored as stable-baselines3 stores it "
+                             f"({type(error).__name__}: {error})") from None

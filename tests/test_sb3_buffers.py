@@ -334,6 +334,10 @@ def bad_inputs(envs):
     yield "reward has shape", (obs, next_obs, action, np.zeros(5), done, infos)
     yield "done has shape", (obs, next_obs, action, reward, done[:, None, None], infos)
     yield "infos must be a list", (obs, next_obs, action, reward, done, infos[:1])
+    # right sizes, but SB3's own add() would fail on them after our frames were stored
+    yield "action cannot be stored.*AttributeError", (obs, next_obs, list(action), reward, done, infos)
+    yield "reward cannot be stored.*ValueError", (obs, next_obs, action, np.array(["a", "b"]), done, infos)
+    yield "infos cannot be stored.*AttributeError", (obs, next_obs, action, reward, done, [None] * len(infos))
 
 
 def test_bad_add_raises_and_leaves_replay_unchanged():
@@ -361,6 +365,13 @@ def test_bad_rollout_add_raises_and_leaves_buffer_unchanged():
         ours.add(obs.astype(np.int16), *good)
     with pytest.raises(ValueError, match="value has shape"):
         ours.add(obs, *good[:3], torch.zeros(3), good[4])
+    # right sizes, but SB3's own add() would fail on them after our frames were stored
+    with pytest.raises(ValueError, match="value cannot be stored.*AttributeError"):
+        ours.add(obs, *good[:3], np.zeros((2, 1)), good[4])
+    with pytest.raises(ValueError, match="log_prob cannot be stored"):
+        ours.add(obs, *good[:4], torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="action cannot be stored"):
+        ours.add(obs, [[0], [0]], *good[1:])
     assert pickle.dumps(ours) == before
     ours.add(obs, *good)
     with pytest.raises(ValueError, match="already holds 2 steps"):
