@@ -244,7 +244,24 @@ class FrameStreams:
         return stacks
 
 
-class CompressedReplayBuffer(ReplayBuffer):
+class _StreamBytes:
+    """nbytes and bytes_per_step of an SB3 buffer whose observations live in `self._streams` (FrameStreams)."""
+
+    _streams: FrameStreams
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte the buffer holds: SB3's arrays (codes, actions, rewards, ...) and the frames."""
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray)) + self._streams.nbytes
+
+    @property
+    def bytes_per_step(self) -> float:
+        """RAM per stored step when full: capacity-sized arrays over capacity, stored frames over steps stored."""
+        content = self._streams.content_nbytes
+        return (self.nbytes - content) / (self.buffer_size * self.n_envs) + content / max(self.size() * self.n_envs, 1)
+
+
+class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
     """SB3's ReplayBuffer with each frame stored once, differentially encoded ('full') or raw ('half'); same samples."""
 
     def __init__(self, buffer_size: int, observation_space: spaces.Space, action_space: spaces.Space,
@@ -264,17 +281,6 @@ class CompressedReplayBuffer(ReplayBuffer):
         super().__init__(buffer_size, _CODE_SPACE, action_space, device, n_envs, False, handle_timeout_termination)
         self.observation_space = observation_space
         self.obs_shape = get_obs_shape(observation_space)
-
-    @property
-    def nbytes(self) -> int:
-        """Every byte the buffer holds: SB3's arrays (codes, actions, rewards, dones, time-outs) and the frames."""
-        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray)) + self._streams.nbytes
-
-    @property
-    def bytes_per_step(self) -> float:
-        """RAM per stored transition when full: capacity-sized arrays over capacity, stored frames over steps stored."""
-        content = self._streams.content_nbytes
-        return (self.nbytes - content) / (self.buffer_size * self.n_envs) + content / max(self.size() * self.n_envs, 1)
 
     def add(self, obs: np.ndarray, next_obs: np.ndarray, action: np.ndarray, reward: np.ndarray,
             done: np.ndarray, infos: list[dict[str, Any]]) -> None:
@@ -309,7 +315,7 @@ class CompressedReplayBuffer(ReplayBuffer):
         return super()._normalize_obs(self._streams.decode(obs), env)
 
 
-class CompressedRolloutBuffer(RolloutBuffer):
+class CompressedRolloutBuffer(_StreamBytes, RolloutBuffer):
     """SB3's RolloutBuffer with each frame stored once, differentially encoded ('full') or raw ('half'); same batches."""
 
     def __init__(self, buffer_size: int, observation_space: spaces.Space, action_space: spaces.Space,
@@ -325,17 +331,6 @@ class CompressedRolloutBuffer(RolloutBuffer):
                                      key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
         self.compression = compression
         super().__init__(buffer_size, observation_space, action_space, device, gae_lambda, gamma, n_envs)
-
-    @property
-    def nbytes(self) -> int:
-        """Every byte the buffer holds: SB3's arrays (codes, actions, values, ...) and the frames."""
-        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray)) + self._streams.nbytes
-
-    @property
-    def bytes_per_step(self) -> float:
-        """RAM per stored step when full: capacity-sized arrays over capacity, stored frames over steps stored."""
-        content = self._streams.content_nbytes
-        return (self.nbytes - content) / (self.buffer_size * self.n_envs) + content / max(self.size() * self.n_envs, 1)
 
     def reset(self) -> None:
         """SB3's reset, with one int64 code per observation slot; the frames of the last rollout are let go."""
