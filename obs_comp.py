@@ -41,6 +41,7 @@ from typing import Protocol
 import numba
 import numpy as np
 import zstandard
+from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -48,6 +49,7 @@ from numba.extending import intrinsic
 _RAW, _RUNS, _ZPREV, _ZINTRA = 0, 1, 2, 3  # how a `full` frame's payload encodes it (module docstring)
 _CACHE = 8  # frames a decode walk remembers as references for the frames after them
 _IN_OUT, _IN_WORK, _IN_ARENA = 0, 1, 2  # where a decode walk finds a decoded frame
+_PATCH = 32  # bytes a short run is copied as (_patch)
 _WORK_ROWS = 2  # frames a decode walk can hold besides the requested ones: a reference and the next
 _PAGE = mmap.PAGESIZE
 _RELEASE_CHUNK = 1 << 16  # pages go back to the OS in steps of at least this many bytes
@@ -172,13 +174,20 @@ def _encode_runs(frame, ref, headers, values):
     # `values`; skips and lengths over 255 continue in extra pairs. Returns (pairs, value bytes),
     # or (-1, -1) as soon as the encoding would not be smaller than the raw frame.
     size = frame.shape[0]
+    frame_words, ref_words = frame[:size - size % 8].view(np.uint64), ref[:size - size % 8].view(np.uint64)
     pairs = 0
     used = 0
     end = 0  # where the previous run ended
     i = 0
     while i < size:
         if frame[i] == ref[i]:
-            i += 1
+            if i % 8:
+                i += 1
+                continue
+            while i + 8 <= size and frame_words[i // 8] == ref_words[i // 8]:  # most bytes are unchanged
+                i += 8
+            if i < size and frame[i] == ref[i]:
+                i += 1
             continue
         j = i + 1
         while j < size:
@@ -234,15 +243,45 @@ def _memcpy(typingctx, dst, dst_at, src, src_at, count):
     return signature, codegen
 
 
+@intrinsic
+def _patch(typingctx, dst, dst_at, length, src, src_at):
+    """Copy `length` <= _PATCH items from src[src_at:] to dst[dst_at:] as fixed _PATCH-byte moves (uint8 arrays).
+
+    It reads _PATCH items from src and writes dst[dst_at:dst_at + length + _PATCH], putting back the
+    _PATCH items after the copied ones, so both arrays need that much room past the run."""
+    # a run is ~8 bytes on median: a call into libc's memcpy per run costs more than these four moves
+    signature = types.void(dst, types.intp, types.intp, src, types.intp)
+
+    def codegen(context, builder, sig, args):
+        dst_value, dst_at_value, length_value, src_value, src_at_value = args
+        dst_data = context.make_array(sig.args[0])(context, builder, dst_value).data
+        src_data = context.make_array(sig.args[3])(context, builder, src_value).data
+        vector = ir.VectorType(ir.IntType(8), _PATCH).as_pointer()
+        after = builder.bitcast(builder.gep(dst_data, [builder.add(dst_at_value, length_value)]), vector)
+        kept = builder.load(after, align=1)
+        run = builder.load(builder.bitcast(builder.gep(src_data, [src_at_value]), vector), align=1)
+        builder.store(run, builder.bitcast(builder.gep(dst_data, [dst_at_value]), vector), align=1)
+        builder.store(kept, after, align=1)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
 @numba.njit(cache=True, nogil=True)
-def _apply_runs(dst, dst_at, slot, offsets, params, arena):
+def _apply_runs(dst, dst_at, size, slot, offsets, params, arena):
+    """Overwrite the frame at dst[dst_at:dst_at + size] (its reference) with the runs of frame slot `slot`."""
     header = offsets[slot]
     value = header + 2 * np.int64(params[slot])
     position = dst_at
+    room = dst_at + size - 2 * _PATCH  # a run starting up to here may be patched without leaving the frame
+    last_value = arena.shape[0] - _PATCH
     for _ in range(params[slot]):
         position += arena[header]
         length = np.int64(arena[header + 1])
-        _memcpy(dst, position, arena, value, length)
+        if length <= _PATCH and position <= room and value <= last_value:
+            _patch(dst, position, length, arena, value)
+        else:
+            _memcpy(dst, position, arena, value, length)
         position += length
         value += length
         header += 2
@@ -275,18 +314,18 @@ def _decode_runs(ids, order, slots, offsets, kinds, params, ref_dist, arena, siz
         rs = rid % slots
         if kinds[rs] == _RAW:
             _memcpy(out, at, arena, offsets[rs], size)
-            _apply_runs(out, at, s, offsets, params, arena)
+            _apply_runs(out, at, size, s, offsets, params, arena)
             cached_id, cached_at = fid, at
             continue
         if rid != cached_id:
             _memcpy(scratch, 0, arena, offsets[(rid - ref_dist[rs]) % slots], size)
-            _apply_runs(scratch, 0, rs, offsets, params, arena)
+            _apply_runs(scratch, 0, size, rs, offsets, params, arena)
             cached_id, cached_at = rid, -1
         if cached_at < 0:
             _memcpy(out, at, scratch, 0, size)
         else:
             _memcpy(out, at, out, cached_at, size)
-        _apply_runs(out, at, s, offsets, params, arena)
+        _apply_runs(out, at, size, s, offsets, params, arena)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -448,7 +487,7 @@ def _walk(ids, order, slots, offsets, kinds, params, ref_dist, arena, size, layo
                 if not dry:
                     dst = _pick(where, out, work, arena)
                     _memcpy(dst, target, _pick(base_where, out, work, arena), base_at, size)
-                    _apply_runs(dst, target, s, offsets, params, arena)
+                    _apply_runs(dst, target, size, s, offsets, params, arena)
             elif dry:
                 jobs[n_jobs, 0] = offsets[s]
                 jobs[n_jobs, 1] = params[s]
@@ -466,15 +505,53 @@ def _walk(ids, order, slots, offsets, kinds, params, ref_dist, arena, size, layo
     return n_jobs
 
 
+class DiffScratch:
+    """Work rows of DiffFrames' encoder and decoder, shared by stores of one frame size used by one thread at a time."""
+
+    def __init__(self, frame_size: int, decode_threads: int = 1):
+        if decode_threads < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
+        self.frame_size = frame_size
+        self.decode_threads = decode_threads
+        self.headers = np.empty(frame_size, dtype=np.uint8)  # a frame's byte runs
+        self.values = np.empty(frame_size, dtype=np.uint8)
+        self.transformed = np.empty(0, dtype=np.uint8)  # a frame before zstd: allocated by the first entropy coding
+        # per decode thread: a zstd context, work rows, and rows of decompressed payloads grown on demand
+        self.decoders = [(zstandard.ZstdDecompressor(), np.empty(_WORK_ROWS * frame_size, dtype=np.uint8),
+                          [np.empty(0, dtype=np.uint8)]) for _ in range(decode_threads)]
+        self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="frame-decode") if decode_threads > 1 else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every row: fixed, but for the decompressed payloads of the largest batch so far."""
+        return self.headers.nbytes + self.values.nbytes + self.transformed.nbytes + \
+            sum(work.nbytes + rows[0].nbytes for _, work, rows in self.decoders)
+
+    def transform_row(self) -> np.ndarray:
+        """The row for a frame before zstd."""
+        if self.transformed.size < self.frame_size:
+            self.transformed = np.empty(self.frame_size, dtype=np.uint8)
+        return self.transformed
+
+    def __getstate__(self) -> dict:
+        return {"frame_size": self.frame_size, "decode_threads": self.decode_threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["frame_size"], state["decode_threads"])
+
+
 class DiffFrames:
     """`full`: anchors raw; every other frame in the cheapest of byte runs or an entropy-coded difference."""
 
     def __init__(self, capacity: int, frame_shape: tuple[int, ...], key_interval: int, anchor_interval: int,
-                 entropy: bool = True, min_entropy_saving: int = 2048, zstd_level: int = 9, decode_threads: int = 1):
+                 entropy: bool = True, min_entropy_saving: int = 2048, zstd_level: int = 9, decode_threads: int = 1,
+                 scratch: DiffScratch | None = None):
         if key_interval < 1 or anchor_interval < 1:
             raise ValueError(f"key_interval and anchor_interval must be >= 1, got {key_interval} and {anchor_interval}")
-        if decode_threads < 1:
-            raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
+        frame_size = math.prod(frame_shape)
+        if scratch is not None and (scratch.frame_size, scratch.decode_threads) != (frame_size, decode_threads):
+            raise ValueError(f"scratch is for frames of {scratch.frame_size} bytes and {scratch.decode_threads} decode "
+                             f"threads, this store has {frame_size} and {decode_threads}")
         self.capacity = capacity
         self.frame_shape = tuple(frame_shape)
         self.key_interval = key_interval
@@ -483,7 +560,7 @@ class DiffFrames:
         self.min_entropy_saving = min_entropy_saving
         self.zstd_level = zstd_level
         self.decode_threads = decode_threads
-        self.frame_size = math.prod(frame_shape)
+        self.frame_size = frame_size
         self._layout = _layout(self.frame_shape)
         # A frame's references reach back at most anchor_interval - 1 frames, so that many extra
         # slots keep every reference of the newest `capacity` frames decodable.
@@ -506,25 +583,16 @@ class DiffFrames:
         self._entropy_frames = 0  # slots holding an entropy-coded frame
         self._anchor = np.zeros(self.frame_size, dtype=np.uint8)
         self._key = np.zeros(self.frame_size, dtype=np.uint8)
-        self._previous = np.zeros(self.frame_size, dtype=np.uint8)
-        self._headers = np.empty(self.frame_size, dtype=np.uint8)  # encoder scratch
-        self._values = np.empty(self.frame_size, dtype=np.uint8)
-        self._transformed = np.empty(self.frame_size, dtype=np.uint8)
+        # the last frame, which entropy-coded differences are taken against (kept only for them)
+        self._previous = np.zeros(self.frame_size if entropy else 0, dtype=np.uint8)
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
-        # per decode thread: a zstd context, work rows, and rows of decompressed payloads grown on demand
-        self._decoders = [(zstandard.ZstdDecompressor(), np.empty(_WORK_ROWS * self.frame_size, dtype=np.uint8),
-                           [np.empty(0, dtype=np.uint8)]) for _ in range(decode_threads)]
-        self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="frame-decode") if decode_threads > 1 else None
+        self._owns_scratch = scratch is None  # a shared one is counted by whoever shares it
+        self._scratch = DiffScratch(frame_size, decode_threads) if scratch is None else scratch
 
     @property
     def nbytes(self) -> int:
-        scratch = [self._anchor, self._key, self._previous, self._headers, self._values, self._transformed]
-        return self.content_nbytes + sum(a.nbytes for a in scratch) + self.decode_scratch_nbytes
-
-    @property
-    def decode_scratch_nbytes(self) -> int:
-        """Bytes held for decoding (decompressed payloads of the largest batch so far): fixed, not per frame."""
-        return sum(work.nbytes + rows[0].nbytes for _, work, rows in self._decoders)
+        references = self._anchor.nbytes + self._key.nbytes + self._previous.nbytes
+        return self.content_nbytes + references + (self._scratch.nbytes if self._owns_scratch else 0)
 
     @property
     def content_nbytes(self) -> int:
@@ -549,16 +617,18 @@ class DiffFrames:
         kind, payload, dist = _RAW, frame, 0
         if in_span:
             ref, dist = (self._anchor, in_span) if in_group == 0 else (self._key, in_group)
-            runs, used = _encode_runs(frame, ref, self._headers, self._values)
+            headers, values = self._scratch.headers, self._scratch.values
+            runs, used = _encode_runs(frame, ref, headers, values)
             if runs >= 0:
-                kind, payload = _RUNS, (self._headers[:2 * runs], self._values[:used])
+                kind, payload = _RUNS, (headers[:2 * runs], values[:used])
             cost = self.frame_size if runs < 0 else 2 * runs + used
             # Worth a zstd pass only if the runs are large: it must save min_entropy_saving bytes, since
             # its decompression costs time in proportion to the frame where runs cost a few memcpys.
             if self.entropy and cost >= 2 * self.min_entropy_saving:
                 # keys stay a short walk from the anchor: they are coded alone, the others against the previous frame
-                _delta_transform(frame, self._previous, in_group > 0, self._layout, self._transformed)
-                blob = self._compressor.compress(self._transformed)
+                transformed = self._scratch.transform_row()
+                _delta_transform(frame, self._previous, in_group > 0, self._layout, transformed)
+                blob = self._compressor.compress(transformed)
                 if len(blob) <= cost - self.min_entropy_saving:
                     kind, payload = (_ZPREV if in_group else _ZINTRA), blob
         slot = self._count % self._slots
@@ -583,7 +653,8 @@ class DiffFrames:
             self._anchor[:] = frame
         if in_group == 0:
             self._key[:] = frame
-        self._previous[:] = frame
+        if self.entropy:
+            self._previous[:] = frame
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Write the frames `ids` (M,) into `out` (M, C*H*W) uint8."""
@@ -592,21 +663,21 @@ class DiffFrames:
         if self._entropy_frames:
             needs = _needs_entropy(ids, self._slots, self._kinds, self._ref_dist)
             runs_only, entropy = np.flatnonzero(~needs), np.flatnonzero(needs)
-            runs_order = runs_only[np.argsort(ids[runs_only], kind="stable")]
+            runs_order = runs_only[np.argsort(ids[runs_only])]
         else:
-            runs_order, entropy = np.argsort(ids, kind="stable"), ids[:0]
+            runs_order, entropy = np.argsort(ids), ids[:0]
         if len(runs_order):
             _decode_runs(ids, runs_order, self._slots, self._offsets, self._kinds, self._params, self._ref_dist,
                          self._arena, self.frame_size, flat)
         if len(entropy):
             # contiguous stretches of the sorted ids, one per thread, each with its own references
-            order = entropy[np.argsort(ids[entropy], kind="stable")]
+            order = entropy[np.argsort(ids[entropy])]
             parts = np.array_split(order, min(self.decode_threads, len(order)))
             if len(parts) == 1:
-                self._decode_entropy(ids, parts[0], flat, self._decoders[0])
+                self._decode_entropy(ids, parts[0], flat, self._scratch.decoders[0])
             else:
-                list(self._pool.map(self._decode_entropy, [ids] * len(parts), parts, [flat] * len(parts),
-                                    self._decoders))
+                list(self._scratch.pool.map(self._decode_entropy, [ids] * len(parts), parts, [flat] * len(parts),
+                                            self._scratch.decoders))
         if not out.flags.c_contiguous:
             out[:] = flat.reshape(out.shape)
 
@@ -643,12 +714,15 @@ class DiffFrames:
         live = len(state["payload_start"]) + len(state["payload_end"])
         expected = {"payload_start": (None, np.uint8), "payload_end": (None, np.uint8), "offsets": (held, np.int64),
                     "kinds": (held, np.uint8), "params": (held, np.int32), "ref_dist": (held, np.int32),
-                    **{name: (self.frame_size, np.uint8) for name in ("anchor", "key", "previous")}}
+                    "anchor": (self.frame_size, np.uint8), "key": (self.frame_size, np.uint8),
+                    # entropy coding continues from the last frame, which stores without it do not keep
+                    "previous": (self.frame_size if self.entropy else None, np.uint8)}
         for name, (length, dtype) in expected.items():
             array = np.asarray(state[name])
             if array.ndim != 1 or array.dtype != dtype or (length is not None and len(array) != length):
+                hint = " (saved by a store with entropy=False)" if name == "previous" else ""
                 raise ValueError(f"saved {name} has shape {array.shape} and dtype {array.dtype}; "
-                                 f"expected ({length if length is not None else 'n'},) {np.dtype(dtype)}")
+                                 f"expected ({length if length is not None else 'n'},) {np.dtype(dtype)}{hint}")
         offsets = np.asarray(state["offsets"])
         if live > self._arena.size or (held and not 0 <= offsets.min() <= offsets.max() <= live):
             raise ValueError(f"saved payload of {live} bytes does not hold the saved offsets")
@@ -660,8 +734,9 @@ class DiffFrames:
         self._kinds[:] = _RAW  # slots of frames not saved hold nothing to count or decode
         for name in ("offsets", "kinds", "params", "ref_dist"):
             getattr(self, "_" + name)[slots] = state[name]
-        for name in ("anchor", "key", "previous"):
-            getattr(self, "_" + name)[:] = state[name]
+        self._anchor[:], self._key[:] = state["anchor"], state["key"]
+        if self.entropy:
+            self._previous[:] = state["previous"]
         self._count, self._episode_pos, self._first_needed = count, episode_pos, first_needed
         self._entropy_frames = int(np.count_nonzero(self._kinds >= _ZPREV))
         self._head, self._wrap_end, self._freed = live, 0, 0
@@ -670,10 +745,12 @@ class DiffFrames:
         args = (self.capacity, self.frame_shape, self.key_interval, self.anchor_interval)
         kwargs = dict(entropy=self.entropy, min_entropy_saving=self.min_entropy_saving, zstd_level=self.zstd_level,
                       decode_threads=self.decode_threads)
-        return {"args": args, "kwargs": kwargs, "state": self.state_dict()}
+        # a shared scratch goes along: pickle restores it shared by the stores pickled together
+        return {"args": args, "kwargs": kwargs, "state": self.state_dict(),
+                "scratch": None if self._owns_scratch else self._scratch}
 
     def __setstate__(self, pickled: dict) -> None:
-        self.__init__(*pickled["args"], **pickled["kwargs"])
+        self.__init__(*pickled["args"], **pickled["kwargs"], scratch=pickled.get("scratch"))
         self.load_state_dict(pickled["state"])
 
     def _decode_entropy(self, ids: np.ndarray, order: np.ndarray, flat: np.ndarray, decoder: tuple) -> None:

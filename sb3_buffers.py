@@ -26,7 +26,7 @@ each store which frames no stored step needs any more, and their memory goes bac
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch as th
@@ -36,8 +36,8 @@ from stable_baselines3.common.preprocessing import get_obs_shape
 from stable_baselines3.common.type_aliases import RolloutBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
-from frame_stacks import StackLayout, decode_stacks, reset_padding, same_bytes, shifted
-from obs_comp import make_frame_store
+from frame_stacks import SAME, SHIFTED, StackLayout, compare_stacks, decode_stacks, reset_padding
+from obs_comp import DiffScratch, make_frame_store
 
 COMPRESSIONS = ("half", "full")
 # full's codec on Atari frames (bench/table2.py --sweep on the ten games of Table II): byte runs only, as
@@ -79,8 +79,12 @@ class FrameStreams:
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}: expected one of {COMPRESSIONS}")
         self.layout, self.n_envs = layout, n_envs
+        # the envs' stores are used one at a time: one set of encoder and decoder rows serves them all
+        self.scratch = DiffScratch(layout.frame_size, full_options.get("decode_threads", 1)) \
+            if compression == "full" else None
+        shared = {"scratch": self.scratch} if self.scratch else {}
         self.stores = [make_frame_store(compression, frames_per_env, layout.frame_shape, key_interval,
-                                        anchor_interval, **full_options) for _ in range(n_envs)]
+                                        anchor_interval, **full_options, **shared) for _ in range(n_envs)]
         self.counts = np.zeros(n_envs, dtype=np.int64)  # frames appended to each env's store
         # each env's newest stack, checked against the next one; < 0: none, or kept whole (nothing continues it)
         self.latest_code = np.full(n_envs, -1, dtype=np.int64)
@@ -91,9 +95,9 @@ class FrameStreams:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the stores, the pool of whole stacks and the copies of each env's newest stack."""
+        """Bytes held: the stores and their shared rows, the pool of whole stacks and copies of each env's newest stack."""
         return sum(store.nbytes for store in self.stores) + self.whole.nbytes + \
-            (0 if self.latest is None else self.latest.nbytes)
+            (0 if self.latest is None else self.latest.nbytes) + (0 if self.scratch is None else self.scratch.nbytes)
 
     @property
     def content_nbytes(self) -> int:
@@ -117,31 +121,28 @@ class FrameStreams:
         encoded just before (saving their decoding).
         """
         frames = self.layout.frames(obs)
-        latest = None if latest is None else self.layout.frames(latest)
-        return np.array([self._encode(env, frames[env], obs[env], shift_first, None if latest is None else latest[env])
-                         for env in range(self.n_envs)], dtype=np.int64)
-
-    def _encode(self, env: int, frames: np.ndarray, obs: np.ndarray, shift_first: bool,
-                previous: Optional[np.ndarray]) -> int:
-        latest = int(self.latest_code[env])
-        if latest >= 0 and previous is None:
-            previous = self._stack_frames(env, latest) if self.latest is None else self.latest[env]
-        is_shift = latest >= 0 and shift_first and shifted(previous, frames)
-        if latest >= 0 and not is_shift and same_bytes(frames, previous):
-            return latest
-        if is_shift or (latest >= 0 and not shift_first and shifted(previous, frames)):
-            _, real, zero_padded = self._unpack(latest)
-            code = self._append(env, frames[-1], False, min(real + 1, self.layout.frame_stack), zero_padded)
+        if latest is not None:
+            previous = self.layout.frames(latest)
+        elif self.latest is not None:
+            previous = self.latest
         else:
-            padding = reset_padding(frames)
-            if padding is None:
-                code = self._keep_whole(obs)
+            previous = np.empty_like(frames)
+            for env in np.flatnonzero(self.latest_code >= 0):
+                previous[env] = self._stack_frames(env, int(self.latest_code[env]))
+        for env, match in enumerate(compare_stacks(previous, frames, self.latest_code, shift_first).tolist()):
+            if match == SAME:  # the env's latest code and stack stay
+                continue
+            if match == SHIFTED:
+                _, real, zero_padded = self._unpack(int(self.latest_code[env]))
+                code = self._append(env, frames[env, -1], False, min(real + 1, self.layout.frame_stack), zero_padded)
             else:
-                code = self._append(env, frames[-1], True, 1, padding == "zeros")
-        self.latest_code[env] = code
-        if self.latest is not None:
-            self.latest[env] = frames
-        return code
+                padding = reset_padding(frames[env])
+                code = self._keep_whole(obs[env]) if padding is None else \
+                    self._append(env, frames[env, -1], True, 1, padding == "zeros")
+            self.latest_code[env] = code
+            if self.latest is not None:
+                self.latest[env] = frames[env]  # not read after a stack kept whole: nothing continues it
+        return self.latest_code.copy()
 
     def _append(self, env: int, frame: np.ndarray, episode_start: bool, real: int, zero_padded: bool) -> int:
         """Append `frame` to env's store; the code of the stack it ends with `real` real frames."""
@@ -289,11 +290,12 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
         next_obs = self._streams.check(next_obs, "next_obs")
         _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
                        done=(done, None), infos=(infos, self.n_envs))
-        timeouts = {"infos": (self.timeouts[0], lambda: np.array([info.get("TimeLimit.truncated", False)
-                                                                  for info in infos]))}
-        _check_sb3_can_store(action=(self.actions[0], lambda: np.array(action.reshape((self.n_envs, self.action_dim)))),
-                             reward=(self.rewards[0], lambda: np.array(reward)),
-                             done=(self.dones[0], lambda: np.array(done)),
+        timeouts = {"infos": _Stored(self.timeouts[0], infos, lambda: np.array([info.get("TimeLimit.truncated", False)
+                                                                                 for info in infos]))}
+        _check_sb3_can_store(action=_Stored(self.actions[0], action, lambda: np.array(action.reshape(
+                                 (self.n_envs, self.action_dim))), reshaped=True),
+                             reward=_Stored(self.rewards[0], reward, lambda: np.array(reward)),
+                             done=_Stored(self.dones[0], done, lambda: np.array(done)),
                              **(timeouts if self.handle_timeout_termination else {}))
         if self.full:
             self._streams.drop(np.stack([self.observations[self.pos], self.next_observations[self.pos]]))
@@ -301,8 +303,10 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
         obs_codes = self._streams.encode(obs)
         next_codes = self._streams.encode(next_obs, shift_first=True, latest=obs)
         super().add(obs_codes[:, None], next_codes[:, None], action, reward, done, infos)
-        oldest = self.pos if self.full else 0
-        self._streams.release_before(np.concatenate([self.observations[oldest], self.next_observations[oldest]], axis=1))
+        if self.full or self.pos == 1:  # the oldest stored step changes only when the ring is full or was empty
+            oldest = self.pos if self.full else 0
+            self._streams.release_before(np.concatenate([self.observations[oldest], self.next_observations[oldest]],
+                                                        axis=1))
 
     def reset(self) -> None:
         """Forget every stored transition (SB3's reset) and the frames they held."""
@@ -351,12 +355,16 @@ class CompressedRolloutBuffer(_StreamBytes, RolloutBuffer):
         _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
                        episode_start=(episode_start, None), value=(value, self.n_envs),
                        log_prob=(log_prob, self.n_envs))
-        _check_sb3_can_store(action=(self.actions[0], lambda: np.array(action.reshape((self.n_envs, self.action_dim)))),
-                             reward=(self.rewards[0], lambda: np.array(reward)),
-                             episode_start=(self.episode_starts[0], lambda: np.array(episode_start)),
-                             value=(self.values[0], lambda: value.clone().cpu().numpy().flatten()),
-                             log_prob=(self.log_probs[0], lambda: (log_prob.reshape(-1, 1) if len(log_prob.shape) == 0
-                                                                   else log_prob).clone().cpu().numpy()))
+        _check_sb3_can_store(action=_Stored(self.actions[0], action, lambda: np.array(action.reshape(
+                                 (self.n_envs, self.action_dim))), reshaped=True),
+                             reward=_Stored(self.rewards[0], reward, lambda: np.array(reward)),
+                             episode_start=_Stored(self.episode_starts[0], episode_start,
+                                                   lambda: np.array(episode_start)),
+                             value=_Stored(self.values[0], value, lambda: value.clone().cpu().numpy().flatten(),
+                                           tensor=True, reshaped=True),
+                             log_prob=_Stored(self.log_probs[0], log_prob,
+                                              lambda: (log_prob.reshape(-1, 1) if len(log_prob.shape) == 0
+                                                       else log_prob).clone().cpu().numpy(), tensor=True))
         super().add(self._streams.encode(obs, shift_first=True)[:, None], action, reward, episode_start, value, log_prob)
 
     def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> RolloutBufferSamples:
@@ -380,12 +388,37 @@ def _check_per_env(buffer: Any, **values: tuple[Any, Optional[int]]) -> None:
             raise ValueError(f"{name} has shape {shape}; expected ({buffer.n_envs},), one per env")
 
 
-def _check_sb3_can_store(**conversions: tuple[np.ndarray, Callable[[], Any]]) -> None:
-    """Raise ValueError unless SB3's add() can store each value: conversions map a name to (a row of the array
-    SB3 fills, what SB3's add() assigns to it), tried here before any frame is stored."""
-    for name, (row, convert) in conversions.items():
+class _Stored(NamedTuple):
+    """A value SB3's add() stores: a row of the array it fills, the value, and what SB3 assigns to the row."""
+
+    row: np.ndarray
+    value: Any
+    convert: Callable[[], Any]
+    tensor: bool = False  # SB3 converts it as a torch tensor (a numpy array otherwise)
+    reshaped: bool = False  # SB3 reshapes it to the row: any shape with as many values will do
+
+    def plain(self) -> bool:
+        """Whether SB3's conversion certainly stores it: real numbers of the row's shape, of the expected kind."""
+        value, shape = self.value, self.row.shape
+        if isinstance(value, list):  # infos: SB3 stores their "TimeLimit.truncated" flags
+            return len(value) == math.prod(shape) and all(
+                type(info) is dict and type(info.get("TimeLimit.truncated", False)) is bool for info in value)
+        if self.tensor:
+            real = isinstance(value, th.Tensor) and value.dtype in (th.float16, th.float32, th.float64) \
+                and not value.requires_grad
+        else:
+            real = isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+        return real and (tuple(value.shape) == shape or (self.reshaped and math.prod(value.shape) == math.prod(shape)))
+
+
+def _check_sb3_can_store(**values: _Stored) -> None:
+    """Raise ValueError unless SB3's add() can store each value, trying its conversion unless plain(): before any
+    frame is stored."""
+    for name, stored in values.items():
+        if stored.plain():
+            continue
         try:
-            np.empty_like(row)[...] = convert()
+            np.empty_like(stored.row)[...] = stored.convert()
         except Exception as error:  # whatever SB3's add() would raise once our frames were stored
             raise ValueError(f"{name} cannot be stored as stable-baselines3 stores it "
                              f"({type(error).__name__}: {error})") from None

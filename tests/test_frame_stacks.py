@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from frame_stacks import StackLayout, decode_stacks, reset_padding, same_bytes, shifted, stack_ids
+from frame_stacks import (OTHER, SAME, SHIFTED, StackLayout, compare_stacks, decode_stacks, reset_padding, same_bytes,
+                          shifted, stack_ids)
 from obs_comp import make_frame_store
 
 
@@ -53,6 +54,35 @@ def test_shift_and_padding_are_checked_byte_for_byte():
     assert reset_padding(np.stack([a, np.zeros_like(d), d])) is None
     assert reset_padding(d[None]) == "repeat"  # a single frame pads nothing
     assert same_bytes(a[:5], a[:5].copy()) and not same_bytes(a[:8], b[:8])
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 4), frame_stack=st.integers(1, 4),
+       frame_size=st.sampled_from([1, 7, 8, 64, 100, 520]), shift_first=st.booleans(), data=st.data())
+def test_compare_stacks_matches_plain_numpy(seed, n, frame_stack, frame_size, shift_first, data):
+    rng = np.random.default_rng(seed)
+    previous = rng.integers(0, 3, (n, frame_stack, frame_size), dtype=np.uint8)  # few values: frames often repeat
+    frames = np.empty_like(previous)
+    for e in range(n):
+        relation = data.draw(st.sampled_from(["same", "shifted", "constant", "other"]))
+        if relation == "constant":  # every frame equal: both same and shifted
+            previous[e] = frames[e] = previous[e, 0]
+        elif relation == "shifted":
+            frames[e] = np.concatenate([previous[e, 1:], rng.integers(0, 3, (1, frame_size), dtype=np.uint8)])
+        else:
+            frames[e] = previous[e]
+        if relation == "other" or data.draw(st.booleans()):  # one byte anywhere may break the relation
+            frames[e].reshape(-1)[rng.integers(frames[e].size)] ^= data.draw(st.sampled_from([0, 1]))
+    previous_code = np.array([data.draw(st.sampled_from([-1, 0, 5])) for _ in range(n)], dtype=np.int64)
+    match = compare_stacks(previous, frames, previous_code, shift_first)
+    for e in range(n):
+        same = np.array_equal(frames[e], previous[e])
+        shift = np.array_equal(frames[e, :-1], previous[e, 1:])
+        want = OTHER
+        if previous_code[e] >= 0:
+            order = [(shift, SHIFTED), (same, SAME)] if shift_first else [(same, SAME), (shift, SHIFTED)]
+            want = next((kind for holds, kind in order if holds), OTHER)
+        assert match[e] == want
 
 
 @pytest.mark.parametrize("compression", ["half", "full"])

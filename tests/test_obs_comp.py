@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import obs_comp
-from obs_comp import DiffFrames, RawFrames, make_frame_store
+from obs_comp import DiffFrames, DiffScratch, RawFrames, make_frame_store
 
 
 def similar_frames(rng: np.random.Generator, count: int, shape: tuple, change: float) -> np.ndarray:
@@ -236,6 +236,45 @@ def test_stores_pickle_and_restore_their_state_exactly(mode, options, released):
     assert len(pickle.dumps(store)) < 2 * 256 * frames[0].size  # the reserved address space is not pickled
 
 
+def test_full_stores_sharing_scratch_decode_exactly_and_do_not_count_it():
+    rng = np.random.default_rng(5)
+    shape = (1, 16, 16)
+    streams = [similar_frames(rng, 90, shape, 0.05) for _ in range(3)]
+    scratch = DiffScratch(256)
+    shared = [DiffFrames(40, shape, 3, 20, entropy=False, scratch=scratch) for _ in streams]
+    alone = [DiffFrames(40, shape, 3, 20, entropy=False) for _ in streams]
+    for i in range(90):  # interleaved, as one buffer's envs add
+        for e, frames in enumerate(streams):
+            for store in (shared[e], alone[e]):
+                store.append(frames[i], episode_start=i % 45 == 0)
+    for e, frames in enumerate(streams):
+        ids = rng.integers(50, 90, 64)
+        out = np.empty((64, 256), np.uint8)
+        shared[e].decode(ids, out)
+        np.testing.assert_array_equal(out, frames[ids].reshape(64, -1))
+        assert shared[e].nbytes == alone[e].nbytes - scratch.nbytes
+    copies = pickle.loads(pickle.dumps(shared))  # pickled together, they still share one
+    assert copies[0]._scratch is copies[1]._scratch is copies[2]._scratch is not scratch
+    with pytest.raises(ValueError, match="scratch is for frames of 256 bytes"):
+        DiffFrames(40, (1, 8, 8), 3, 20, scratch=scratch)
+
+
+def test_full_without_entropy_keeps_no_previous_frame_and_says_so_on_load():
+    frames = similar_frames(np.random.default_rng(6), 30, (1, 8, 8), 0.3)
+    stores = {entropy: DiffFrames(30, (1, 8, 8), 2, 10, entropy=entropy) for entropy in (False, True)}
+    for store in stores.values():
+        for i, frame in enumerate(frames):
+            store.append(frame, episode_start=i == 0)
+    assert stores[False]._previous.size == 0
+    with pytest.raises(ValueError, match="saved by a store with entropy=False"):
+        DiffFrames(30, (1, 8, 8), 2, 10, entropy=True).load_state_dict(stores[False].state_dict())
+    restored = DiffFrames(30, (1, 8, 8), 2, 10, entropy=False)
+    restored.load_state_dict(stores[True].state_dict())  # the other way round, nothing is missing
+    out = np.empty((30, 64), np.uint8)
+    restored.decode(np.arange(30), out)
+    np.testing.assert_array_equal(out, frames.reshape(30, -1))
+
+
 def test_full_rejects_bad_settings():
     with pytest.raises(ValueError, match="key_interval"):
         DiffFrames(10, (1, 8, 8), key_interval=0, anchor_interval=4)
@@ -294,8 +333,8 @@ def segment_frames(draw):
     frame = ref.copy()
     at = 0
     while at < size:
-        at += draw(st.sampled_from([0, 1, 2, 3, 254, 255, 256, 511]))
-        length = draw(st.sampled_from([1, 2, 255, 256, 600]))
+        at += draw(st.sampled_from([0, 1, 2, 3, 4, 31, 254, 255, 256, 511]))
+        length = draw(st.sampled_from([1, 2, 3, 7, 31, 32, 33, 63, 255, 256, 600]))
         frame[at:at + length] += np.uint8(draw(st.integers(1, 255)))
         at += length
     return ref, frame

@@ -323,6 +323,9 @@ def test_pickle_round_trip_keeps_samples(compression, tmp_path):
         loaded.add(*transition)
     assert_same_replay_samples(ref, loaded, 0, batch_size=100)
     assert pickle.loads(pickle.dumps(ours)).size() == ours.size()
+    if compression == "full":  # the envs' stores still share one set of work rows
+        streams = loaded._streams
+        assert all(store._scratch is streams.scratch for store in streams.stores)
 
 
 def bad_inputs(envs):
@@ -338,6 +341,8 @@ def bad_inputs(envs):
     yield "action cannot be stored.*AttributeError", (obs, next_obs, list(action), reward, done, infos)
     yield "reward cannot be stored.*ValueError", (obs, next_obs, action, np.array(["a", "b"]), done, infos)
     yield "infos cannot be stored.*AttributeError", (obs, next_obs, action, reward, done, [None] * len(infos))
+    flags = [{"TimeLimit.truncated": np.array([True, False])}] * len(infos)  # not one flag per env
+    yield "infos cannot be stored.*ValueError", (obs, next_obs, action, reward, done, flags)
 
 
 def test_bad_add_raises_and_leaves_replay_unchanged():
