@@ -119,12 +119,11 @@ def _compare_rows(previous, current, frame, previous_code, shift_first):
 @numba.njit(cache=True, nogil=True)
 def compare_stacks(previous: np.ndarray, frames: np.ndarray, previous_code: np.ndarray,
                    shift_first: bool) -> np.ndarray:
-    """Per stack e of frames (n, K, F): SAME as previous[e], SHIFTED (previous[e] moved one frame older, one new
-    newest frame) or OTHER (also where previous_code[e] < 0: no previous stack); shift_first picks SHIFTED where both
-    hold. Both arrays C-contiguous uint8."""
+    """SAME, SHIFTED or OTHER (or no previous stack: previous_code < 0) per stack of frames (n, K, F) after previous."""
+    # SHIFTED: previous moved one frame older with one new newest frame; shift_first picks it where both hold
     n, frame_stack, frame_size = frames.shape
     rows = (previous.reshape(n, frame_stack * frame_size), frames.reshape(n, frame_stack * frame_size))
-    if frame_size % 8 == 0:
+    if frame_size % 8 == 0 and previous.ctypes.data % 8 == 0 and frames.ctypes.data % 8 == 0:
         return _compare_rows(_as_words(rows[0]), _as_words(rows[1]), frame_size // 8, previous_code, shift_first)
     return _compare_rows(rows[0], rows[1], frame_size, previous_code, shift_first)
 

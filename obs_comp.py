@@ -12,7 +12,7 @@ them are stored in the smallest of these representations:
     closer than three equal bytes are merged (a new run would cost as much). A run is a pair of
     uint8 (bytes skipped since the previous run, run length), pairs first and then the frame's
     bytes over all its runs; skips and lengths above 255 continue in extra pairs. Decoding is a
-    copy of the reference plus one memcpy per run.
+    copy of the reference plus one short move per run.
   * entropy-coded differences (zstd): key frames alone, the others against the previous frame.
     Before zstd, each byte's difference to the reference (none for a key) has the difference of
     the pixel to its left subtracted, channels are interleaved per pixel and, for three channels,
@@ -169,12 +169,14 @@ class RawFrames:
 
 @numba.njit(cache=True, nogil=True)
 def _encode_runs(frame, ref, headers, values):
-    # Runs of bytes that differ from `ref`, merged across gaps of at most _MERGE_GAP equal bytes (a
+    # Runs of bytes that differ from `ref`, merged across gaps of at most two equal bytes (a
     # new run would cost as much). Each run is (skip, length) uint8 pairs in `headers`, its bytes in
     # `values`; skips and lengths over 255 continue in extra pairs. Returns (pairs, value bytes),
     # or (-1, -1) as soon as the encoding would not be smaller than the raw frame.
     size = frame.shape[0]
-    frame_words, ref_words = frame[:size - size % 8].view(np.uint64), ref[:size - size % 8].view(np.uint64)
+    # equal stretches are skipped a word at a time, where both frames' words are 8-byte aligned
+    span = size - size % 8 if frame.ctypes.data % 8 == 0 and ref.ctypes.data % 8 == 0 else 0
+    frame_words, ref_words = frame[:span].view(np.uint64), ref[:span].view(np.uint64)
     pairs = 0
     used = 0
     end = 0  # where the previous run ended
@@ -184,7 +186,7 @@ def _encode_runs(frame, ref, headers, values):
             if i % 8:
                 i += 1
                 continue
-            while i + 8 <= size and frame_words[i // 8] == ref_words[i // 8]:  # most bytes are unchanged
+            while i + 8 <= span and frame_words[i // 8] == ref_words[i // 8]:  # most bytes are unchanged
                 i += 8
             if i < size and frame[i] == ref[i]:
                 i += 1
@@ -524,8 +526,12 @@ class DiffScratch:
     @property
     def nbytes(self) -> int:
         """Bytes of every row: fixed, but for the decompressed payloads of the largest batch so far."""
-        return self.headers.nbytes + self.values.nbytes + self.transformed.nbytes + \
-            sum(work.nbytes + rows[0].nbytes for _, work, rows in self.decoders)
+        return self.headers.nbytes + self.values.nbytes + self.transformed.nbytes + self.decode_nbytes
+
+    @property
+    def decode_nbytes(self) -> int:
+        """Bytes of the decoders' rows: work rows and the decompressed payloads of the largest batch so far."""
+        return sum(work.nbytes + rows[0].nbytes for _, work, rows in self.decoders)
 
     def transform_row(self) -> np.ndarray:
         """The row for a frame before zstd."""
@@ -561,6 +567,8 @@ class DiffFrames:
         self.zstd_level = zstd_level
         self.decode_threads = decode_threads
         self.frame_size = frame_size
+        self._owns_scratch = scratch is None  # a shared one is counted by whoever shares it
+        self._scratch = DiffScratch(frame_size, decode_threads) if scratch is None else scratch
         self._layout = _layout(self.frame_shape)
         # A frame's references reach back at most anchor_interval - 1 frames, so that many extra
         # slots keep every reference of the newest `capacity` frames decodable.
@@ -586,13 +594,16 @@ class DiffFrames:
         # the last frame, which entropy-coded differences are taken against (kept only for them)
         self._previous = np.zeros(self.frame_size if entropy else 0, dtype=np.uint8)
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
-        self._owns_scratch = scratch is None  # a shared one is counted by whoever shares it
-        self._scratch = DiffScratch(frame_size, decode_threads) if scratch is None else scratch
 
     @property
     def nbytes(self) -> int:
         references = self._anchor.nbytes + self._key.nbytes + self._previous.nbytes
         return self.content_nbytes + references + (self._scratch.nbytes if self._owns_scratch else 0)
+
+    @property
+    def decode_scratch_nbytes(self) -> int:
+        """Bytes its scratch holds for decoding (decompressed payloads of the largest batch so far): not per frame."""
+        return self._scratch.decode_nbytes
 
     @property
     def content_nbytes(self) -> int:
@@ -720,7 +731,7 @@ class DiffFrames:
         for name, (length, dtype) in expected.items():
             array = np.asarray(state[name])
             if array.ndim != 1 or array.dtype != dtype or (length is not None and len(array) != length):
-                hint = " (saved by a store with entropy=False)" if name == "previous" else ""
+                hint = " (saved by a store with entropy=False)" if name == "previous" and array.size == 0 else ""
                 raise ValueError(f"saved {name} has shape {array.shape} and dtype {array.dtype}; "
                                  f"expected ({length if length is not None else 'n'},) {np.dtype(dtype)}{hint}")
         offsets = np.asarray(state["offsets"])

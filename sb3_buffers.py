@@ -82,7 +82,7 @@ class FrameStreams:
         # the envs' stores are used one at a time: one set of encoder and decoder rows serves them all
         self.scratch = DiffScratch(layout.frame_size, full_options.get("decode_threads", 1)) \
             if compression == "full" else None
-        shared = {"scratch": self.scratch} if self.scratch else {}
+        shared = {} if self.scratch is None else {"scratch": self.scratch}
         self.stores = [make_frame_store(compression, frames_per_env, layout.frame_shape, key_interval,
                                         anchor_interval, **full_options, **shared) for _ in range(n_envs)]
         self.counts = np.zeros(n_envs, dtype=np.int64)  # frames appended to each env's store
@@ -291,7 +291,7 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
         _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
                        done=(done, None), infos=(infos, self.n_envs))
         timeouts = {"infos": _Stored(self.timeouts[0], infos, lambda: np.array([info.get("TimeLimit.truncated", False)
-                                                                                 for info in infos]))}
+                                                                                 for info in infos]), "infos")}
         _check_sb3_can_store(action=_Stored(self.actions[0], action, lambda: np.array(action.reshape(
                                  (self.n_envs, self.action_dim))), reshaped=True),
                              reward=_Stored(self.rewards[0], reward, lambda: np.array(reward)),
@@ -361,10 +361,10 @@ class CompressedRolloutBuffer(_StreamBytes, RolloutBuffer):
                              episode_start=_Stored(self.episode_starts[0], episode_start,
                                                    lambda: np.array(episode_start)),
                              value=_Stored(self.values[0], value, lambda: value.clone().cpu().numpy().flatten(),
-                                           tensor=True, reshaped=True),
+                                           "tensor", reshaped=True),
                              log_prob=_Stored(self.log_probs[0], log_prob,
                                               lambda: (log_prob.reshape(-1, 1) if len(log_prob.shape) == 0
-                                                       else log_prob).clone().cpu().numpy(), tensor=True))
+                                                       else log_prob).clone().cpu().numpy(), "tensor"))
         super().add(self._streams.encode(obs, shift_first=True)[:, None], action, reward, episode_start, value, log_prob)
 
     def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> RolloutBufferSamples:
@@ -388,27 +388,37 @@ def _check_per_env(buffer: Any, **values: tuple[Any, Optional[int]]) -> None:
             raise ValueError(f"{name} has shape {shape}; expected ({buffer.n_envs},), one per env")
 
 
+_TENSOR_DTYPES = {th.float16: np.dtype(np.float16), th.float32: np.dtype(np.float32), th.float64: np.dtype(np.float64)}
+
+
 class _Stored(NamedTuple):
     """A value SB3's add() stores: a row of the array it fills, the value, and what SB3 assigns to the row."""
 
     row: np.ndarray
     value: Any
     convert: Callable[[], Any]
-    tensor: bool = False  # SB3 converts it as a torch tensor (a numpy array otherwise)
+    kind: str = "array"  # how SB3 converts it: as a numpy "array", a torch "tensor", or the flags of "infos"
     reshaped: bool = False  # SB3 reshapes it to the row: any shape with as many values will do
 
     def plain(self) -> bool:
-        """Whether SB3's conversion certainly stores it: real numbers of the row's shape, of the expected kind."""
-        value, shape = self.value, self.row.shape
-        if isinstance(value, list):  # infos: SB3 stores their "TimeLimit.truncated" flags
-            return len(value) == math.prod(shape) and all(
+        """Whether SB3's conversion certainly stores it: values of the row's shape that cast safely to its dtype."""
+        value, row = self.value, self.row
+        if self.kind == "infos":  # SB3 stores their "TimeLimit.truncated" flags
+            return isinstance(value, list) and len(value) == row.size and all(
                 type(info) is dict and type(info.get("TimeLimit.truncated", False)) is bool for info in value)
-        if self.tensor:
-            real = isinstance(value, th.Tensor) and value.dtype in (th.float16, th.float32, th.float64) \
-                and not value.requires_grad
+        if self.kind == "tensor":
+            if not (isinstance(value, th.Tensor) and value.dtype in _TENSOR_DTYPES and value.layout == th.strided
+                    and value.device.type != "meta" and not value.requires_grad):
+                return False
+            dtype = _TENSOR_DTYPES[value.dtype]
+        elif isinstance(value, np.ndarray):
+            dtype = value.dtype
         else:
-            real = isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
-        return real and (tuple(value.shape) == shape or (self.reshaped and math.prod(value.shape) == math.prod(shape)))
+            return False
+        shape = tuple(value.shape)
+        # a safe cast cannot warn, so not even warnings turned into errors can make SB3's add() fail
+        return np.can_cast(dtype, row.dtype, "safe") and \
+            (shape == row.shape or (self.reshaped and math.prod(shape) == row.size))
 
 
 def _check_sb3_can_store(**values: _Stored) -> None:

@@ -74,7 +74,10 @@ def test_compare_stacks_matches_plain_numpy(seed, n, frame_stack, frame_size, sh
         if relation == "other" or data.draw(st.booleans()):  # one byte anywhere may break the relation
             frames[e].reshape(-1)[rng.integers(frames[e].size)] ^= data.draw(st.sampled_from([0, 1]))
     previous_code = np.array([data.draw(st.sampled_from([-1, 0, 5])) for _ in range(n)], dtype=np.int64)
-    match = compare_stacks(previous, frames, previous_code, shift_first)
+    offset = data.draw(st.sampled_from([0, 0, 3]))  # stacks may start at any byte of a larger array
+    moved = np.empty(offset + frames.size, np.uint8)[offset:].reshape(frames.shape)
+    moved[...] = frames
+    match = compare_stacks(previous, moved, previous_code, shift_first)
     for e in range(n):
         same = np.array_equal(frames[e], previous[e])
         shift = np.array_equal(frames[e, :-1], previous[e, 1:])

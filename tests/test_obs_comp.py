@@ -259,6 +259,19 @@ def test_full_stores_sharing_scratch_decode_exactly_and_do_not_count_it():
         DiffFrames(40, (1, 8, 8), 3, 20, scratch=scratch)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 4])
+def test_full_frames_at_any_byte_offset_store_exactly(offset):
+    frames = similar_frames(np.random.default_rng(7), 40, (1, 8, 16), 0.1)
+    store = DiffFrames(40, (1, 8, 16), 3, 10, entropy=False)
+    for i, frame in enumerate(frames):  # each frame a view starting `offset` bytes into a larger array
+        moved = np.empty(offset + frame.size, np.uint8)[offset:].reshape(frame.shape)
+        moved[...] = frame
+        store.append(moved, episode_start=i == 0)
+    out = np.empty((40, 128), np.uint8)
+    store.decode(np.arange(40), out)
+    np.testing.assert_array_equal(out, frames.reshape(40, -1))
+
+
 def test_full_without_entropy_keeps_no_previous_frame_and_says_so_on_load():
     frames = similar_frames(np.random.default_rng(6), 30, (1, 8, 8), 0.3)
     stores = {entropy: DiffFrames(30, (1, 8, 8), 2, 10, entropy=entropy) for entropy in (False, True)}

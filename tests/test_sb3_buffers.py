@@ -340,6 +340,7 @@ def bad_inputs(envs):
     # right sizes, but SB3's own add() would fail on them after our frames were stored
     yield "action cannot be stored.*AttributeError", (obs, next_obs, list(action), reward, done, infos)
     yield "reward cannot be stored.*ValueError", (obs, next_obs, action, np.array(["a", "b"]), done, infos)
+    yield "done cannot be stored.*TypeError", (obs, next_obs, action, reward, infos, infos)  # swapped arguments
     yield "infos cannot be stored.*AttributeError", (obs, next_obs, action, reward, done, [None] * len(infos))
     flags = [{"TimeLimit.truncated": np.array([True, False])}] * len(infos)  # not one flag per env
     yield "infos cannot be stored.*ValueError", (obs, next_obs, action, reward, done, flags)
