@@ -74,12 +74,6 @@ def _equal_range(a: np.ndarray, a_at: int, b: np.ndarray, b_at: int, count: int)
     return True
 
 
-@numba.njit(cache=True, nogil=True)
-def _as_words(rows: np.ndarray) -> np.ndarray:
-    """C-contiguous uint8 rows (n, m) with m a multiple of 8 as uint64 rows (n, m // 8)."""
-    return rows.view(np.uint64)
-
-
 def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two uint8 arrays of the same shape hold the same bytes (compared in blocks, up to the first difference)."""
     if a.flags.c_contiguous and b.flags.c_contiguous:
@@ -124,7 +118,8 @@ def compare_stacks(previous: np.ndarray, frames: np.ndarray, previous_code: np.n
     n, frame_stack, frame_size = frames.shape
     rows = (previous.reshape(n, frame_stack * frame_size), frames.reshape(n, frame_stack * frame_size))
     if frame_size % 8 == 0 and previous.ctypes.data % 8 == 0 and frames.ctypes.data % 8 == 0:
-        return _compare_rows(_as_words(rows[0]), _as_words(rows[1]), frame_size // 8, previous_code, shift_first)
+        words = (rows[0].view(np.uint64), rows[1].view(np.uint64))  # aligned rows of whole words
+        return _compare_rows(words[0], words[1], frame_size // 8, previous_code, shift_first)
     return _compare_rows(rows[0], rows[1], frame_size, previous_code, shift_first)
 
 
