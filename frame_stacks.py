@@ -89,48 +89,109 @@ def shifted(previous: np.ndarray, frames: np.ndarray) -> bool:
     return same_bytes(frames[:-1], previous[1:])
 
 
-SAME, SHIFTED, OTHER = 0, 1, 2  # how a stack follows the previous one (compare_stacks)
+SAME, SHIFTED, RESET_REPEAT, RESET_ZEROS, OTHER = range(5)  # how a stack follows the previous one (follow_stacks)
 
 
 @numba.njit(cache=True, nogil=True)
-def _compare_rows(previous, current, frame, previous_code, shift_first):
-    # compare_stacks on stacks as rows (n, K * frame) of bytes or of words
-    match = np.full(current.shape[0], OTHER, dtype=np.int8)
-    older = current.shape[1] - frame  # all frames but one
+def _all_zero(a: np.ndarray, count: int) -> bool:
+    """Whether a[:count] (1-d, unsigned integers) is all zeros."""
+    i = 0
+    while i + 64 <= count:  # blocks, as in _equal_range
+        seen = a[i]
+        for j in range(1, 64):
+            seen |= a[i + j]
+        if seen != 0:
+            return False
+        i += 64
+    for j in range(i, count):
+        if a[j] != 0:
+            return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _follow_rows(previous, current, frame, has_previous, shift_first):
+    # follow_stacks on stacks as rows (n, K * frame) of bytes or of words
+    kinds = np.full(current.shape[0], OTHER, dtype=np.int8)
+    size = current.shape[1]
+    older = size - frame  # all frames but the newest
     for e in range(current.shape[0]):
-        if previous_code[e] < 0:
-            continue
         p, c = previous[e], current[e]
-        if shift_first and _equal_range(c, 0, p, frame, older):
-            match[e] = SHIFTED
-        elif _equal_range(c, 0, p, 0, current.shape[1]):
-            match[e] = SAME
-        elif not shift_first and _equal_range(c, 0, p, frame, older):
-            match[e] = SHIFTED
-    return match
+        if has_previous[e]:
+            if shift_first and _equal_range(c, 0, p, frame, older):
+                kinds[e] = SHIFTED
+                continue
+            if _equal_range(c, 0, p, 0, size):
+                kinds[e] = SAME
+                continue
+            if not shift_first and _equal_range(c, 0, p, frame, older):
+                kinds[e] = SHIFTED
+                continue
+        repeat = True
+        for at in range(0, older, frame):
+            if not _equal_range(c, at, c, older, frame):
+                repeat = False
+                break
+        if repeat:
+            kinds[e] = RESET_REPEAT
+        elif _all_zero(c, older):
+            kinds[e] = RESET_ZEROS
+    return kinds
 
 
 @numba.njit(cache=True, nogil=True)
-def compare_stacks(previous: np.ndarray, frames: np.ndarray, previous_code: np.ndarray,
-                   shift_first: bool) -> np.ndarray:
-    """SAME, SHIFTED or OTHER (or no previous stack: previous_code < 0) per stack of frames (n, K, F) after previous."""
-    # SHIFTED: previous moved one frame older with one new newest frame; shift_first picks it where both hold
+def _word_aligned(frame_size, a, b, c):
+    """Whether frames of frame_size bytes in all three arrays can be read as aligned uint64 words."""
+    return frame_size % 8 == 0 and a.ctypes.data % 8 == 0 and b.ctypes.data % 8 == 0 and c.ctypes.data % 8 == 0
+
+
+@numba.njit(cache=True, nogil=True)
+def follow_stacks(previous: np.ndarray, frames: np.ndarray, previous_code: np.ndarray,
+                  shift_first: bool) -> np.ndarray:
+    """How each stack of frames (n, K, F) follows previous (n, K, F): SAME, SHIFTED, or failing that (or without
+    a previous stack: previous_code < 0) RESET_REPEAT, RESET_ZEROS or OTHER; int8 (n,)."""
+    # SHIFTED: previous moved one frame older with one new newest frame; shift_first picks it where both hold.
+    # RESET_*: a stream's first stack, its older frames copies of the newest or zeros (repeat wins where both hold).
     n, frame_stack, frame_size = frames.shape
-    rows = (previous.reshape(n, frame_stack * frame_size), frames.reshape(n, frame_stack * frame_size))
-    if frame_size % 8 == 0 and previous.ctypes.data % 8 == 0 and frames.ctypes.data % 8 == 0:
-        words = (rows[0].view(np.uint64), rows[1].view(np.uint64))  # aligned rows of whole words
-        return _compare_rows(words[0], words[1], frame_size // 8, previous_code, shift_first)
-    return _compare_rows(rows[0], rows[1], frame_size, previous_code, shift_first)
+    p, c = previous.reshape(n, frame_stack * frame_size), frames.reshape(n, frame_stack * frame_size)
+    has_previous = previous_code >= 0
+    if _word_aligned(frame_size, p, c, c):
+        return _follow_rows(p.view(np.uint64), c.view(np.uint64), frame_size // 8, has_previous, shift_first)
+    return _follow_rows(p, c, frame_size, has_previous, shift_first)
+
+
+@numba.njit(cache=True, nogil=True)
+def _follow_pair(latest, obs, next_obs, frame, has_previous):
+    # follow_transition on stacks as rows; next_obs follows obs unless obs is OTHER (kept whole: nothing continues it)
+    kinds = np.empty((2, obs.shape[0]), dtype=np.int8)
+    kinds[0] = _follow_rows(latest, obs, frame, has_previous, False)
+    kinds[1] = _follow_rows(obs, next_obs, frame, kinds[0] != OTHER, True)
+    for e in range(obs.shape[0]):
+        if kinds[0, e] != SAME or kinds[1, e] != SAME:
+            latest[e] = next_obs[e]
+    return kinds
+
+
+@numba.njit(cache=True, nogil=True)
+def follow_transition(latest: np.ndarray, obs: np.ndarray, next_obs: np.ndarray,
+                      previous_code: np.ndarray) -> np.ndarray:
+    """follow_stacks of obs after latest, then of next_obs after obs (shifted first), all (n, K, F); int8 (2, n).
+    latest becomes next_obs."""
+    n, frame_stack, frame_size = obs.shape
+    p = latest.reshape(n, frame_stack * frame_size)
+    o = obs.reshape(n, frame_stack * frame_size)
+    x = next_obs.reshape(n, frame_stack * frame_size)
+    has_previous = previous_code >= 0
+    if _word_aligned(frame_size, p, o, x):
+        return _follow_pair(p.view(np.uint64), o.view(np.uint64), x.view(np.uint64), frame_size // 8, has_previous)
+    return _follow_pair(p, o, x, frame_size, has_previous)
 
 
 def reset_padding(frames: np.ndarray) -> Optional[str]:
     """How a stack (K, F) that starts a stream is padded: 'repeat' (older frames copy the newest), 'zeros', or None."""
-    older, newest = frames[:-1], frames[-1]
-    if all(same_bytes(frame, newest) for frame in older):
-        return "repeat"
-    if not older.any():
-        return "zeros"
-    return None
+    frames = np.ascontiguousarray(frames)[None]
+    kind = follow_stacks(frames, frames, np.full(1, -1), False)[0]
+    return {RESET_REPEAT: "repeat", RESET_ZEROS: "zeros"}.get(int(kind))
 
 
 def stack_ids(newest: np.ndarray, first: np.ndarray, frame_stack: int) -> np.ndarray:

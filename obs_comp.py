@@ -47,9 +47,17 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _RAW, _RUNS, _ZPREV, _ZINTRA = 0, 1, 2, 3  # how a `full` frame's payload encodes it (module docstring)
+# DiffFrames' state, one int64 array for its kernels: frames appended, position in the episode,
+# release(before)'s promise, arena offsets (the head, where the next payload goes; the end of the last
+# payload before the head went back to 0; where the pages handed back end, from there back to the head's
+# end of the ring), then its settings (runs this large try zstd; pages go back in steps this large)
+_COUNT, _EPISODE_POS, _FIRST_NEEDED, _HEAD, _WRAP_END, _FREED = range(6)
+_KEY_INTERVAL, _ANCHOR_INTERVAL, _ENTROPY_FROM, _CHUNK = range(6, 10)
+_STORED, _FREE_FIRST, _TRY_ENTROPY = range(3)  # what _append_frame did
 _CACHE = 8  # frames a decode walk remembers as references for the frames after them
 _IN_OUT, _IN_WORK, _IN_ARENA = 0, 1, 2  # where a decode walk finds a decoded frame
 _PATCH = 32  # bytes a short run is copied as (_patch)
+_UINT8 = np.dtype(np.uint8)
 _WORK_ROWS = 2  # frames a decode walk can hold besides the requested ones: a reference and the next
 _PAGE = mmap.PAGESIZE
 _RELEASE_CHUNK = 1 << 16  # pages go back to the OS in steps of at least this many bytes
@@ -290,6 +298,93 @@ def _apply_runs(dst, dst_at, size, slot, offsets, params, arena):
 
 
 @numba.njit(cache=True, nogil=True)
+def _live_payload(state, evicting, offsets, ref_dist):
+    """(first frame whose payload must stay, its offset: the tail, whether the live payload wraps, live bytes)."""
+    # must stay: frames held (or about to be, when evicting the oldest slot) and their references
+    count, first_needed, head = state[_COUNT], state[_FIRST_NEEDED], state[_HEAD]
+    slots = offsets.shape[0]
+    first = max(count + evicting - slots, 0)
+    if first_needed > first:
+        # frames from first_needed on, and frames still to come in its span, read back to its anchor
+        kept = min(first_needed, count - 1)
+        ref = kept - ref_dist[kept % slots]
+        first = max(first, ref - ref_dist[ref % slots])
+    if count <= first:
+        return first, head, False, 0
+    tail = offsets[first % slots]
+    if head < tail:
+        return first, tail, True, state[_WRAP_END] - tail + head
+    return first, tail, False, head - tail
+
+
+@numba.njit(cache=True, nogil=True)
+def _pages_behind(tail, state, arena_size):
+    """Bytes of whole pages from the freed offset to the tail's page: dead payload, worth handing back once a chunk."""
+    length = (tail - tail % _PAGE - state[_FREED]) % arena_size  # the tail may have gone round the ring
+    return length if length >= state[_CHUNK] else 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _span_position(state, episode_start):
+    """(position in the episode, in the anchor's span, in the key's group) of the next frame."""
+    episode_pos = 0 if episode_start or state[_COUNT] == 0 else state[_EPISODE_POS] + 1
+    in_span = episode_pos % state[_ANCHOR_INTERVAL]
+    return episode_pos, in_span, in_span % state[_KEY_INTERVAL]
+
+
+@numba.njit(cache=True, nogil=True)
+def _place_payload(first, second, kind, param, dist, state, offsets, kinds, params, ref_dist, arena):
+    """Write a payload (first, then second) in front of the head and index it as the next frame."""
+    # the arena is sized so the payload always fits; offsets strictly increase in frame order (_live_payload)
+    size = first.size + second.size
+    offset = state[_HEAD]
+    if not _live_payload(state, 1, offsets, ref_dist)[2] and offset + max(size, 1) > arena.size:
+        state[_WRAP_END], offset = offset, 0
+    arena[offset:offset + first.size] = first
+    arena[offset + first.size:offset + size] = second
+    state[_HEAD] = offset + max(size, 1)
+    slot = state[_COUNT] % offsets.shape[0]
+    offsets[slot], kinds[slot], params[slot], ref_dist[slot] = offset, kind, param, dist
+
+
+@numba.njit(cache=True, nogil=True)
+def _frame_stored(frame, episode_pos, in_span, in_group, state, refs):
+    """Count the frame just placed, and keep it as the reference it is (an anchor, a key)."""
+    state[_COUNT] += 1
+    state[_EPISODE_POS] = episode_pos
+    if in_span == 0:
+        refs[0, :frame.size] = frame
+    if in_group == 0:
+        refs[1, :frame.size] = frame
+
+
+@numba.njit(cache=True, nogil=True)
+def _append_frame(frame, episode_start, state, refs, run_rows, offsets, kinds, params, ref_dist, arena):
+    """Store the next frame: raw if an anchor, else byte runs against its anchor or key (refs), raw where not
+    smaller; _FREE_FIRST (pages to hand back) or _TRY_ENTROPY (runs of _ENTROPY_FROM bytes or more) instead,
+    storing nothing."""
+    if _pages_behind(_live_payload(state, 1, offsets, ref_dist)[1], state, arena.size):
+        return _FREE_FIRST
+    episode_pos, in_span, in_group = _span_position(state, episode_start)
+    index = (state, offsets, kinds, params, ref_dist, arena)
+    headers, values = run_rows[0], run_rows[1]
+    if in_span == 0:
+        _place_payload(frame, frame[:0], _RAW, frame.size, 0, *index)
+    else:
+        dist = in_group if in_group else in_span  # frames back to the reference
+        runs, used = _encode_runs(frame, refs[1 if in_group else 0, :frame.size], headers, values)
+        cost = frame.size if runs < 0 else 2 * runs + used
+        if cost >= state[_ENTROPY_FROM]:
+            return _TRY_ENTROPY
+        if runs < 0:
+            _place_payload(frame, frame[:0], _RAW, frame.size, dist, *index)
+        else:
+            _place_payload(headers[:2 * runs], values[:used], _RUNS, runs, dist, *index)
+    _frame_stored(frame, episode_pos, in_span, in_group, state, refs)
+    return _STORED
+
+
+@numba.njit(cache=True, nogil=True)
 def _decode_runs(ids, order, slots, offsets, kinds, params, ref_dist, arena, size, out):
     # _walk specialised to frames whose references are all raw or byte runs (what floor-free tasks
     # store), so a reference is raw or has a raw reference: `order` visits positions i of ids sorted by
@@ -515,8 +610,8 @@ class DiffScratch:
             raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
         self.frame_size = frame_size
         self.decode_threads = decode_threads
-        self.headers = np.empty(frame_size, dtype=np.uint8)  # a frame's byte runs
-        self.values = np.empty(frame_size, dtype=np.uint8)
+        self.runs = np.empty((2, frame_size), dtype=np.uint8)  # a frame's byte runs: headers, values
+        self.headers, self.values = self.runs
         self.transformed = np.empty(0, dtype=np.uint8)  # a frame before zstd: allocated by the first entropy coding
         # per decode thread: a zstd context, work rows, and rows of decompressed payloads grown on demand
         self.decoders = [(zstandard.ZstdDecompressor(), np.empty(_WORK_ROWS * frame_size, dtype=np.uint8),
@@ -526,7 +621,7 @@ class DiffScratch:
     @property
     def nbytes(self) -> int:
         """Bytes of every row: fixed, but for the decompressed payloads of the largest batch so far."""
-        return self.headers.nbytes + self.values.nbytes + self.transformed.nbytes + self.decode_nbytes
+        return self.runs.nbytes + self.transformed.nbytes + self.decode_nbytes
 
     @property
     def decode_nbytes(self) -> int:
@@ -582,22 +677,26 @@ class DiffFrames:
         # behind the tail: the head then never reaches the tail nor a page about to be released.
         self._space = _AddressSpace((self._slots + 2) * self.frame_size + _RELEASE_CHUNK + _PAGE)
         self._arena = self._space.array
-        self._head = 0      # byte where the next payload goes
-        self._wrap_end = 0  # end of the last payload written before head went back to 0
-        self._freed = 0     # pages from here back to the head's end of the ring were handed back
-        self._count = 0
-        self._episode_pos = 0
-        self._first_needed = 0  # release(before) promises no decode below this id
+        self._row = (self.frame_size,)
+        self._state = np.zeros(10, dtype=np.int64)  # _COUNT, _EPISODE_POS, ...: where stream and arena stand
         self._entropy_frames = 0  # slots holding an entropy-coded frame
-        self._anchor = np.zeros(self.frame_size, dtype=np.uint8)
-        self._key = np.zeros(self.frame_size, dtype=np.uint8)
+        # the span's anchor and the group's key, each on an 8-byte boundary (_encode_runs compares words)
+        self._refs = np.zeros((2, -(-self.frame_size // 8) * 8), dtype=np.uint8)
+        self._anchor, self._key = self._refs[:, :self.frame_size]
         # the last frame, which entropy-coded differences are taken against (kept only for them)
         self._previous = np.zeros(self.frame_size if entropy else 0, dtype=np.uint8)
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
+        # byte runs this large are worth a zstd pass if it saves min_entropy_saving bytes: its decompression
+        # costs time in proportion to the frame, where runs cost a few memcpys
+        entropy_from = 2 * min_entropy_saving if entropy else self.frame_size + 1
+        self._state[_KEY_INTERVAL:] = key_interval, anchor_interval, entropy_from, _RELEASE_CHUNK  # fixed from here
+        # what _append_frame reads and writes (arrays only ever changed in place)
+        self._append_args = (self._state, self._refs, self._scratch.runs, self._offsets, self._kinds, self._params,
+                             self._ref_dist, self._arena)
 
     @property
     def nbytes(self) -> int:
-        references = self._anchor.nbytes + self._key.nbytes + self._previous.nbytes
+        references = self._refs.nbytes + self._previous.nbytes
         return self.content_nbytes + references + (self._scratch.nbytes if self._owns_scratch else 0)
 
     @property
@@ -608,64 +707,55 @@ class DiffFrames:
     @property
     def content_nbytes(self) -> int:
         """Bytes that grow with what is stored rather than with capacity: resident arena and index entries."""
-        touched_slots = min(self._count, self._slots)
+        touched_slots = min(int(self._state[_COUNT]), self._slots)
         index = touched_slots * sum(a.itemsize for a in (self._offsets, self._kinds, self._params, self._ref_dist))
         return self._resident_arena() + index
 
     @property
     def payload_bytes(self) -> int:
         """Bytes of the arena that hold stored frames (the rest is slack left by wrapping and pages)."""
-        return self._live(self._first_live(evicting=False))[2]
+        return self._live_payload(evicting=False)[3]
 
     def append(self, frame: np.ndarray, episode_start: bool) -> None:
         """Encode and store `frame` as the next frame id."""
-        frame = np.ascontiguousarray(frame).reshape(-1)
-        if frame.size != self.frame_size or frame.dtype != np.uint8:
-            raise ValueError(f"frame has {frame.size} values of dtype {frame.dtype}; expected {self.frame_size} uint8")
-        self._episode_pos = 0 if episode_start or self._count == 0 else self._episode_pos + 1
-        in_span = self._episode_pos % self.anchor_interval
-        in_group = in_span % self.key_interval
-        kind, payload, dist = _RAW, frame, 0
-        if in_span:
-            ref, dist = (self._anchor, in_span) if in_group == 0 else (self._key, in_group)
-            headers, values = self._scratch.headers, self._scratch.values
-            runs, used = _encode_runs(frame, ref, headers, values)
-            if runs >= 0:
-                kind, payload = _RUNS, (headers[:2 * runs], values[:used])
-            cost = self.frame_size if runs < 0 else 2 * runs + used
-            # Worth a zstd pass only if the runs are large: it must save min_entropy_saving bytes, since
-            # its decompression costs time in proportion to the frame where runs cost a few memcpys.
-            if self.entropy and cost >= 2 * self.min_entropy_saving:
-                # keys stay a short walk from the anchor: they are coded alone, the others against the previous frame
-                transformed = self._scratch.transform_row()
-                _delta_transform(frame, self._previous, in_group > 0, self._layout, transformed)
-                blob = self._compressor.compress(transformed)
-                if len(blob) <= cost - self.min_entropy_saving:
-                    kind, payload = (_ZPREV if in_group else _ZINTRA), blob
-        slot = self._count % self._slots
-        if kind == _RUNS:
-            offset = self._place(2 * runs + used)
-            self._arena[offset:offset + 2 * runs] = payload[0]
-            self._arena[offset + 2 * runs:offset + 2 * runs + used] = payload[1]
-            self._params[slot] = runs
-        else:
-            offset = self._place(len(payload))
-            self._arena[offset:offset + len(payload)] = np.frombuffer(payload, dtype=np.uint8)
-            self._params[slot] = len(payload)
-        self._offsets[slot] = offset
-        if self._count >= self._slots:  # the slot's previous frame leaves
-            self._entropy_frames -= self._kinds[slot] >= _ZPREV
-        self._entropy_frames += kind >= _ZPREV
-        self._kinds[slot] = kind
-        self._ref_dist[slot] = dist  # kept whatever the kind: it leads to the span's anchor
-        self._count += 1
-
-        if in_span == 0:
-            self._anchor[:] = frame
-        if in_group == 0:
-            self._key[:] = frame
+        if type(frame) is not np.ndarray or frame.dtype is not _UINT8 or frame.shape != self._row or \
+                frame.strides != (1,):  # not already a row of bytes
+            frame = np.ascontiguousarray(frame).reshape(-1)
+            if frame.size != self.frame_size or frame.dtype != np.uint8:
+                raise ValueError(f"frame has {frame.size} values of dtype {frame.dtype}; "
+                                 f"expected {self.frame_size} uint8")
+        count = int(self._state[_COUNT])
+        # the slot's previous frame leaves
+        leaving = int(self._entropy_frames > 0 and count >= self._slots and self._kinds[count % self._slots] >= _ZPREV)
+        done = _append_frame(frame, episode_start, *self._append_args)
+        if done == _FREE_FIRST:  # pages behind the tail go back before a payload can reach them
+            self._free_behind(self._live_payload(evicting=True)[1])
+            done = _append_frame(frame, episode_start, *self._append_args)
+            assert done != _FREE_FIRST, "the pages behind the tail were handed back"
+        if done == _TRY_ENTROPY:
+            self._append_entropy(frame, episode_start)
+        self._entropy_frames -= leaving
         if self.entropy:
             self._previous[:] = frame
+
+    def _append_entropy(self, frame: np.ndarray, episode_start: bool) -> None:
+        """Store the next frame as entropy-coded differences if they save min_entropy_saving bytes on its runs."""
+        episode_pos, in_span, in_group = _span_position(self._state, episode_start)
+        headers, values = self._scratch.headers, self._scratch.values
+        runs, used = _encode_runs(frame, self._key if in_group else self._anchor, headers, values)
+        kind, payload, param = (_RUNS, (headers[:2 * runs], values[:used]), runs) if runs >= 0 \
+            else (_RAW, (frame, frame[:0]), self.frame_size)
+        # keys stay a short walk from the anchor: they are coded alone, the others against the previous frame
+        transformed = self._scratch.transform_row()
+        _delta_transform(frame, self._previous, in_group > 0, self._layout, transformed)
+        blob = self._compressor.compress(transformed)
+        if len(blob) <= (self.frame_size if runs < 0 else 2 * runs + used) - self.min_entropy_saving:
+            kind, payload, param = (_ZPREV if in_group else _ZINTRA), (np.frombuffer(blob, np.uint8), frame[:0]), \
+                len(blob)
+            self._entropy_frames += 1
+        index = (self._state, self._offsets, self._kinds, self._params, self._ref_dist, self._arena)
+        _place_payload(*payload, kind, param, in_group if in_group else in_span, *index)
+        _frame_stored(frame, episode_pos, in_span, in_group, self._state, self._refs)
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Write the frames `ids` (M,) into `out` (M, C*H*W) uint8."""
@@ -694,23 +784,24 @@ class DiffFrames:
 
     def release(self, before: int) -> None:
         """Frames with id < `before` will not be decoded again: their payload's memory may go back."""
-        self._first_needed = max(self._first_needed, min(before, self._count))
-        self._free_behind(self._live(self._first_live(evicting=False))[0])
+        state = self._state
+        state[_FIRST_NEEDED] = max(state[_FIRST_NEEDED], min(before, state[_COUNT]))
+        self._free_behind(self._live_payload(evicting=False)[1])
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain arrays (no pickled objects, the payload as views) that restore this store through load_state_dict."""
-        first = self._first_live(evicting=False)
-        tail, wrapped, live = self._live(first)
-        slots = np.arange(first, self._count) % self._slots
+        first, tail, wrapped, live = self._live_payload(evicting=False)
+        count, episode_pos, first_needed, head, wrap_end = (int(x) for x in self._state[:_FREED])
+        slots = np.arange(first, count) % self._slots
         offsets = self._offsets[slots]
         if wrapped:  # saved as one run of bytes starting at the tail: [tail, wrap_end) + [0, head)
-            parts = (self._arena[tail:self._wrap_end], self._arena[:self._head])
-            offsets = np.where(offsets >= tail, offsets - tail, offsets + self._wrap_end - tail)
+            parts = (self._arena[tail:wrap_end], self._arena[:head])
+            offsets = np.where(offsets >= tail, offsets - tail, offsets + wrap_end - tail)
         else:
             parts = (self._arena[tail:tail + live], self._arena[:0])
             offsets = offsets - tail
         return {"config": np.array(self._config(), dtype=np.int64),
-                "counters": np.array([self._count, self._episode_pos, first, self._first_needed], dtype=np.int64),
+                "counters": np.array([count, episode_pos, first, first_needed], dtype=np.int64),
                 "payload_start": parts[0], "payload_end": parts[1], "offsets": offsets, "kinds": self._kinds[slots],
                 "params": self._params[slots], "ref_dist": self._ref_dist[slots],
                 "anchor": self._anchor, "key": self._key, "previous": self._previous}
@@ -748,9 +839,9 @@ class DiffFrames:
         self._anchor[:], self._key[:] = state["anchor"], state["key"]
         if self.entropy:
             self._previous[:] = state["previous"]
-        self._count, self._episode_pos, self._first_needed = count, episode_pos, first_needed
+        self._state[:_FREED + 1] = 0
+        self._state[[_COUNT, _EPISODE_POS, _FIRST_NEEDED, _HEAD]] = count, episode_pos, first_needed, live
         self._entropy_frames = int(np.count_nonzero(self._kinds >= _ZPREV))
-        self._head, self._wrap_end, self._freed = live, 0, 0
 
     def __getstate__(self) -> dict:
         args = (self.capacity, self.frame_shape, self.key_interval, self.anchor_interval)
@@ -783,48 +874,22 @@ class DiffFrames:
     def _config(self) -> list[int]:
         return [self.capacity, self.frame_size, self.key_interval, self.anchor_interval]
 
-    def _first_live(self, evicting: bool) -> int:
-        """Oldest frame whose payload must stay: held (or about to be, when `evicting`) or referenced."""
-        first = max(self._count + evicting - self._slots, 0)
-        if self._first_needed > first:
-            # frames from first_needed on, and frames still to come in its span, read back to its anchor
-            kept = min(self._first_needed, self._count - 1)
-            ref = kept - int(self._ref_dist[kept % self._slots])
-            first = max(first, ref - int(self._ref_dist[ref % self._slots]))
-        return first
-
-    def _live(self, first_live: int) -> tuple[int, bool, int]:
-        """(offset of frame `first_live`, whether the live payload wraps, live payload bytes)."""
-        if self._count <= first_live:
-            return self._head, False, 0
-        tail = int(self._offsets[first_live % self._slots])
-        wrapped = self._head < tail
-        live = self._wrap_end - tail + self._head if wrapped else self._head - tail
-        return tail, wrapped, live
-
-    def _place(self, size: int) -> int:
-        """Arena offset for a payload of `size` bytes in front of the head; the arena is sized so it always fits."""
-        size = max(size, 1)  # offsets then strictly increase in frame order, which _live relies on
-        tail, wrapped, _ = self._live(self._first_live(evicting=True))
-        self._free_behind(tail)
-        offset = self._head
-        if not wrapped and offset + size > self._arena.size:
-            self._wrap_end, offset = offset, 0
-        self._head = offset + size
-        return offset
+    def _live_payload(self, evicting: bool) -> tuple[int, int, bool, int]:
+        """(first frame whose payload must stay, the tail offset, whether it wraps, live bytes): _live_payload()."""
+        return _live_payload(self._state, int(evicting), self._offsets, self._ref_dist)
 
     def _free_behind(self, tail: int) -> None:
         """Hand back the pages between the last freed offset and the tail's page: only dead payload lies there."""
-        stop = tail - tail % _PAGE
-        length = (stop - self._freed) % self._arena.size  # the tail may have gone round the ring
-        if length >= _RELEASE_CHUNK:
-            self._space.release(self._freed, length)
-            self._freed = stop
+        length = _pages_behind(tail, self._state, self._arena.size)
+        if length:
+            self._space.release(int(self._state[_FREED]), length)
+            self._state[_FREED] = tail - tail % _PAGE
 
     def _resident_arena(self) -> int:
         """Arena bytes in pages written since they were last handed back: from the freed offset to the head's page."""
-        top = -(-self._head // _PAGE) * _PAGE  # the head is behind the freed offset only after it wrapped
-        return top - self._freed if top >= self._freed else self._arena.size - self._freed + top
+        top = -(-int(self._state[_HEAD]) // _PAGE) * _PAGE  # behind the freed offset only after the head wrapped
+        freed = int(self._state[_FREED])
+        return top - freed if top >= freed else self._arena.size - freed + top
 
 
 def _layout(frame_shape: tuple[int, ...]) -> np.ndarray:

@@ -21,12 +21,13 @@ Note that `.observations` (and `.next_observations`) therefore hold codes, not i
 
 Verified stacks add at most two frames per stored step (a reset obs and a next_obs), so a store of
 `2 * buffer_size + frame_stack` frames holds every frame a stored step refers to; the buffers tell
-each store which frames no stored step needs any more, and their memory goes back (obs_comp).
+each store which frames no stored step needs any more (a full replay ring every _RELEASE_EVERY steps),
+and their memory goes back (obs_comp).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch as th
@@ -36,7 +37,8 @@ from stable_baselines3.common.preprocessing import get_obs_shape
 from stable_baselines3.common.type_aliases import RolloutBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
-from frame_stacks import SAME, SHIFTED, StackLayout, compare_stacks, decode_stacks, reset_padding
+from frame_stacks import (OTHER, RESET_ZEROS, SAME, SHIFTED, StackLayout, decode_stacks, follow_stacks,
+                          follow_transition)
 from obs_comp import DiffScratch, make_frame_store
 
 COMPRESSIONS = ("half", "full")
@@ -44,6 +46,7 @@ COMPRESSIONS = ("half", "full")
 # obs_comp's entropy-coded differences save little on most games and slow sampling down where they kick in
 KEY_INTERVAL, ANCHOR_INTERVAL = 3, 200
 FULL_OPTIONS = {"entropy": False}
+_RELEASE_EVERY = 16  # steps between releases of a full replay ring's oldest frames
 # The space SB3 is shown when it builds its observation arrays: one int64 stack code per slot.
 _CODE_SPACE = spaces.Box(low=np.iinfo(np.int64).min, high=np.iinfo(np.int64).max, shape=(1,), dtype=np.int64)
 
@@ -79,13 +82,14 @@ class FrameStreams:
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}: expected one of {COMPRESSIONS}")
         self.layout, self.n_envs = layout, n_envs
+        self.batch_shape = (n_envs, *layout.obs_shape)
         # the envs' stores are used one at a time: one set of encoder and decoder rows serves them all
         self.scratch = DiffScratch(layout.frame_size, full_options.get("decode_threads", 1)) \
             if compression == "full" else None
         shared = {} if self.scratch is None else {"scratch": self.scratch}
         self.stores = [make_frame_store(compression, frames_per_env, layout.frame_shape, key_interval,
                                         anchor_interval, **full_options, **shared) for _ in range(n_envs)]
-        self.counts = np.zeros(n_envs, dtype=np.int64)  # frames appended to each env's store
+        self.counts = [0] * n_envs  # frames appended to each env's store
         # each env's newest stack, checked against the next one; < 0: none, or kept whole (nothing continues it)
         self.latest_code = np.full(n_envs, -1, dtype=np.int64)
         # a copy of it saves decoding it at every add, for frame_stack frames per env
@@ -107,47 +111,57 @@ class FrameStreams:
     def check(self, obs: Any, name: str) -> np.ndarray:
         """`obs` as a C-contiguous uint8 array (n_envs, *obs_shape), or ValueError naming what is wrong."""
         obs = np.asarray(obs)
-        expected = (self.n_envs, *self.layout.obs_shape)
-        if obs.shape != expected or obs.dtype != np.uint8:
-            raise ValueError(f"{name} has shape {obs.shape} and dtype {obs.dtype}; expected {expected} uint8")
+        if obs.shape != self.batch_shape or obs.dtype != np.uint8:
+            raise ValueError(f"{name} has shape {obs.shape} and dtype {obs.dtype}; expected {self.batch_shape} uint8")
         # VecTransposeImage hands over transposed views; one copy makes every frame comparison a fast one
         return np.ascontiguousarray(obs)
 
-    def encode(self, obs: np.ndarray, shift_first: bool = False, latest: Optional[np.ndarray] = None) -> np.ndarray:
+    def encode(self, obs: np.ndarray) -> np.ndarray:
         """Store the stacks obs (n_envs, *obs_shape) as each env's next stack; their codes (n_envs,).
 
-        shift_first tries "shifted by one frame" before "equal" (next_obs usually is the shifted obs);
-        where both hold, either code decodes to the same bytes. `latest`, if given, are the stacks
-        encoded just before (saving their decoding).
-        """
+        Each env's newest stack is decoded to be compared: for streams that keep no copy of it."""
+        assert self.latest is None, "streams that keep a copy of the newest stacks store transitions"
         frames = self.layout.frames(obs)
-        if latest is not None:
-            previous = self.layout.frames(latest)
-        elif self.latest is not None:
-            previous = self.latest
-        else:
-            previous = np.empty_like(frames)
-            for env in np.flatnonzero(self.latest_code >= 0):
-                previous[env] = self._stack_frames(env, int(self.latest_code[env]))
-        for env, match in enumerate(compare_stacks(previous, frames, self.latest_code, shift_first).tolist()):
-            if match == SAME:  # the env's latest code and stack stay
+        previous = np.empty_like(frames)
+        for env in np.flatnonzero(self.latest_code >= 0):
+            previous[env] = self._stack_frames(env, int(self.latest_code[env]))
+        # a rollout's stack usually is the previous one shifted: tried first
+        self._follow(follow_stacks(previous, frames, self.latest_code, True).tolist(), frames, obs)
+        return self.latest_code.copy()
+
+    def encode_transition(self, obs: np.ndarray, next_obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store the stacks obs, then next_obs (n_envs, *obs_shape) of one step; their codes (n_envs,) each.
+        For streams that keep a copy of each env's newest stack."""
+        frames, next_frames = self.layout.frames(obs), self.layout.frames(next_obs)
+        # obs usually equals the previous next_obs, and next_obs is obs shifted; the copy becomes next_obs
+        obs_kinds, next_kinds = follow_transition(self.latest, frames, next_frames, self.latest_code).tolist()
+        try:
+            self._follow(obs_kinds, frames, obs)
+            obs_codes = self.latest_code.copy()
+            self._follow(next_kinds, next_frames, next_obs)
+        except BaseException:  # the copy may not be of the newest stacks now: nothing may continue them
+            self.latest_code[:] = -1
+            raise
+        return obs_codes, self.latest_code.copy()
+
+    def _follow(self, kinds: list[int], frames: np.ndarray, obs: np.ndarray) -> None:
+        """Make each env's stack frames[env] (obs[env]) its newest, stored as follow_stacks' kinds[env] says."""
+        for env, kind in enumerate(kinds):
+            if kind == SAME:  # the env's newest code and stack stay
                 continue
-            if match == SHIFTED:
+            if kind == SHIFTED:
                 _, real, zero_padded = self._unpack(int(self.latest_code[env]))
                 code = self._append(env, frames[env, -1], False, min(real + 1, self.layout.frame_stack), zero_padded)
+            elif kind == OTHER:
+                code = self._keep_whole(obs[env])  # nothing continues it
             else:
-                padding = reset_padding(frames[env])
-                code = self._keep_whole(obs[env]) if padding is None else \
-                    self._append(env, frames[env, -1], True, 1, padding == "zeros")
+                code = self._append(env, frames[env, -1], True, 1, kind == RESET_ZEROS)
             self.latest_code[env] = code
-            if self.latest is not None:
-                self.latest[env] = frames[env]  # not read after a stack kept whole: nothing continues it
-        return self.latest_code.copy()
 
     def _append(self, env: int, frame: np.ndarray, episode_start: bool, real: int, zero_padded: bool) -> int:
         """Append `frame` to env's store; the code of the stack it ends with `real` real frames."""
         self.stores[env].append(frame, episode_start=episode_start)
-        newest = int(self.counts[env])
+        newest = self.counts[env]
         self.counts[env] += 1
         return ((newest * self.n_envs + env) * self.layout.frame_stack + real - 1) * 2 + int(zero_padded)
 
@@ -175,9 +189,10 @@ class FrameStreams:
         self.whole[entry] = obs.reshape(-1)
         return -1 - entry
 
-    def drop(self, codes: np.ndarray) -> None:
+    def drop(self, *codes: np.ndarray) -> None:
         """Slots holding `codes` are being overwritten: their whole stacks' entries become free."""
-        self.free_whole.extend(int(-1 - code) for code in codes.reshape(-1) if code < 0)
+        if len(self.free_whole) < len(self.whole):  # some entry is in use
+            self.free_whole.extend(int(-1 - code) for part in codes for code in part.reshape(-1) if code < 0)
 
     def drop_all(self) -> None:
         """No slot holds a code any more: every whole stack's entry is free."""
@@ -200,7 +215,7 @@ class FrameStreams:
         """No step is stored: keep only each env's newest stack, which the next stack may continue."""
         self.release_before(self.latest_code[:, None])
         for env in np.flatnonzero(self.latest_code < 0):
-            self.stores[env].release(int(self.counts[env]))
+            self.stores[env].release(self.counts[env])
 
     def restart(self) -> None:
         """No step is stored: each env's newest stack becomes a new stream of its real frames, and older frames go.
@@ -213,7 +228,7 @@ class FrameStreams:
         for env in range(self.n_envs):
             code = int(self.latest_code[env])
             frames = None if code < 0 else self._stack_frames(env, code)
-            self.stores[env].release(int(self.counts[env]))
+            self.stores[env].release(self.counts[env])
             if frames is None:
                 continue
             _, real, zero_padded = self._unpack(code)
@@ -278,6 +293,7 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
         self._streams = FrameStreams(layout, n_envs, 2 * steps_per_env + frame_stack, True, compression,
                                      key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
         self.compression = compression
+        self._plain_signature: Optional[tuple] = None  # (type, dtype, shape) of plain action, reward and done
         # SB3 builds (and checks free RAM for) observation arrays of the space it is given: codes.
         super().__init__(buffer_size, _CODE_SPACE, action_space, device, n_envs, False, handle_timeout_termination)
         self.observation_space = observation_space
@@ -288,25 +304,39 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
         """SB3's add(); observations are stored as frames. ValueError on bad input, with the buffer unchanged."""
         obs = self._streams.check(obs, "obs")
         next_obs = self._streams.check(next_obs, "next_obs")
-        _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
-                       done=(done, None), infos=(infos, self.n_envs))
-        timeouts = {"infos": _Stored(self.timeouts[0], infos, lambda: np.array([info.get("TimeLimit.truncated", False)
-                                                                                 for info in infos]), "infos")}
-        _check_sb3_can_store(action=_Stored(self.actions[0], action, lambda: np.array(action.reshape(
-                                 (self.n_envs, self.action_dim))), reshaped=True),
-                             reward=_Stored(self.rewards[0], reward, lambda: np.array(reward)),
-                             done=_Stored(self.dones[0], done, lambda: np.array(done)),
-                             **(timeouts if self.handle_timeout_termination else {}))
+        try:  # what _plain() decides on, for numpy arrays
+            signature = (type(action), action.dtype, action.shape, type(reward), reward.dtype, reward.shape,
+                         type(done), done.dtype, done.shape)
+        except AttributeError:  # not arrays: never plain
+            signature = ()
+        if signature != self._plain_signature or not _plain_infos(infos, self.n_envs):
+            self._check_values(action, reward, done, infos, signature)
         if self.full:
-            self._streams.drop(np.stack([self.observations[self.pos], self.next_observations[self.pos]]))
+            self._streams.drop(self.observations[self.pos], self.next_observations[self.pos])
         # envs are independent streams: each env's obs is stored before its next_obs
-        obs_codes = self._streams.encode(obs)
-        next_codes = self._streams.encode(next_obs, shift_first=True, latest=obs)
+        obs_codes, next_codes = self._streams.encode_transition(obs, next_obs)
         super().add(obs_codes[:, None], next_codes[:, None], action, reward, done, infos)
-        if self.full or self.pos == 1:  # the oldest stored step changes only when the ring is full or was empty
+        # the oldest stored step changes only when the ring is full (its frames go back every few steps) or was empty
+        if self.full and self.pos % _RELEASE_EVERY == 0 or self.pos == 1:
             oldest = self.pos if self.full else 0
             self._streams.release_before(np.concatenate([self.observations[oldest], self.next_observations[oldest]],
                                                         axis=1))
+
+    def _check_values(self, action: Any, reward: Any, done: Any, infos: Any, signature: tuple) -> None:
+        """Raise ValueError unless SB3's add() stores these values: before any frame is stored. Values of a
+        signature found plain are not checked again."""
+        if _plain(action, self.actions[0], reshaped=True) and _plain(reward, self.rewards[0]) \
+                and _plain(done, self.dones[0]) and _plain_infos(infos, self.n_envs):
+            self._plain_signature = signature
+            return
+        _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
+                       done=(done, None), infos=(infos, self.n_envs))
+        timeouts = {"infos": (self.timeouts[0], lambda: np.array([info.get("TimeLimit.truncated", False)
+                                                                   for info in infos]))}
+        _check_sb3_can_store(action=(self.actions[0], lambda: np.array(action.reshape((self.n_envs, self.action_dim)))),
+                             reward=(self.rewards[0], lambda: np.array(reward)),
+                             done=(self.dones[0], lambda: np.array(done)),
+                             **(timeouts if self.handle_timeout_termination else {}))
 
     def reset(self) -> None:
         """Forget every stored transition (SB3's reset) and the frames they held."""
@@ -352,20 +382,23 @@ class CompressedRolloutBuffer(_StreamBytes, RolloutBuffer):
         obs = self._streams.check(obs, "obs")
         if self.pos >= self.buffer_size:
             raise ValueError(f"the rollout buffer already holds {self.buffer_size} steps; reset() it first")
+        if not (_plain(action, self.actions[0], reshaped=True) and _plain(reward, self.rewards[0])
+                and _plain(episode_start, self.episode_starts[0]) and _plain(value, self.values[0], True, True)
+                and _plain(log_prob, self.log_probs[0], True)):
+            self._check_values(action, reward, episode_start, value, log_prob)
+        super().add(self._streams.encode(obs)[:, None], action, reward, episode_start, value, log_prob)
+
+    def _check_values(self, action: Any, reward: Any, episode_start: Any, value: Any, log_prob: Any) -> None:
+        """Raise ValueError unless SB3's add() stores these values: before any frame is stored."""
         _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
                        episode_start=(episode_start, None), value=(value, self.n_envs),
                        log_prob=(log_prob, self.n_envs))
-        _check_sb3_can_store(action=_Stored(self.actions[0], action, lambda: np.array(action.reshape(
-                                 (self.n_envs, self.action_dim))), reshaped=True),
-                             reward=_Stored(self.rewards[0], reward, lambda: np.array(reward)),
-                             episode_start=_Stored(self.episode_starts[0], episode_start,
-                                                   lambda: np.array(episode_start)),
-                             value=_Stored(self.values[0], value, lambda: value.clone().cpu().numpy().flatten(),
-                                           "tensor", reshaped=True),
-                             log_prob=_Stored(self.log_probs[0], log_prob,
-                                              lambda: (log_prob.reshape(-1, 1) if len(log_prob.shape) == 0
-                                                       else log_prob).clone().cpu().numpy(), "tensor"))
-        super().add(self._streams.encode(obs, shift_first=True)[:, None], action, reward, episode_start, value, log_prob)
+        _check_sb3_can_store(action=(self.actions[0], lambda: np.array(action.reshape((self.n_envs, self.action_dim)))),
+                             reward=(self.rewards[0], lambda: np.array(reward)),
+                             episode_start=(self.episode_starts[0], lambda: np.array(episode_start)),
+                             value=(self.values[0], lambda: value.clone().cpu().numpy().flatten()),
+                             log_prob=(self.log_probs[0], lambda: (log_prob.reshape(-1, 1) if len(log_prob.shape) == 0
+                                                                   else log_prob).clone().cpu().numpy()))
 
     def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> RolloutBufferSamples:
         """SB3's minibatch, its observations decoded from the codes SB3 indexed."""
@@ -388,47 +421,39 @@ def _check_per_env(buffer: Any, **values: tuple[Any, Optional[int]]) -> None:
             raise ValueError(f"{name} has shape {shape}; expected ({buffer.n_envs},), one per env")
 
 
+_BOOLS = (bool, np.bool_)
 _TENSOR_DTYPES = {th.float16: np.dtype(np.float16), th.float32: np.dtype(np.float32), th.float64: np.dtype(np.float64)}
 
 
-class _Stored(NamedTuple):
-    """A value SB3's add() stores: a row of the array it fills, the value, and what SB3 assigns to the row."""
-
-    row: np.ndarray
-    value: Any
-    convert: Callable[[], Any]
-    kind: str = "array"  # how SB3 converts it: as a numpy "array", a torch "tensor", or the flags of "infos"
-    reshaped: bool = False  # SB3 reshapes it to the row: any shape with as many values will do
-
-    def plain(self) -> bool:
-        """Whether SB3's conversion certainly stores it: values of the row's shape that cast safely to its dtype."""
-        value, row = self.value, self.row
-        if self.kind == "infos":  # SB3 stores their "TimeLimit.truncated" flags
-            return isinstance(value, list) and len(value) == row.size and all(
-                type(info) is dict and type(info.get("TimeLimit.truncated", False)) is bool for info in value)
-        if self.kind == "tensor":
-            if not (isinstance(value, th.Tensor) and value.dtype in _TENSOR_DTYPES and value.layout == th.strided
-                    and value.device.type != "meta" and not value.requires_grad):
-                return False
-            dtype = _TENSOR_DTYPES[value.dtype]
-        elif isinstance(value, np.ndarray):
-            dtype = value.dtype
-        else:
+def _plain(value: Any, row: np.ndarray, tensor: bool = False, reshaped: bool = False) -> bool:
+    """Whether SB3's add() certainly stores `value` in `row`: a numpy array (a strided float tensor if `tensor`) of
+    the row's shape (of its size if SB3 reshapes it) whose dtype casts safely to the row's."""
+    if tensor:
+        if not (isinstance(value, th.Tensor) and value.dtype in _TENSOR_DTYPES and value.layout == th.strided
+                and value.device.type != "meta" and not value.requires_grad):
             return False
-        shape = tuple(value.shape)
-        # a safe cast cannot warn, so not even warnings turned into errors can make SB3's add() fail
-        return np.can_cast(dtype, row.dtype, "safe") and \
-            (shape == row.shape or (self.reshaped and math.prod(shape) == row.size))
+        dtype = _TENSOR_DTYPES[value.dtype]
+    elif isinstance(value, np.ndarray):
+        dtype = value.dtype
+    else:
+        return False
+    shape = tuple(value.shape)
+    # a safe cast cannot warn, so not even warnings turned into errors can make SB3's add() fail
+    return (shape == row.shape or (reshaped and math.prod(shape) == row.size)) and \
+        (dtype == row.dtype or np.can_cast(dtype, row.dtype, "safe"))
 
 
-def _check_sb3_can_store(**values: _Stored) -> None:
-    """Raise ValueError unless SB3's add() can store each value, trying its conversion unless plain(): before any
-    frame is stored."""
-    for name, stored in values.items():
-        if stored.plain():
-            continue
+def _plain_infos(infos: Any, n_envs: int) -> bool:
+    """Whether infos certainly are what SB3's add() takes: a list of n_envs dicts whose time-out flags are bools."""
+    return type(infos) is list and len(infos) == n_envs and all(
+        type(info) is dict and type(info.get("TimeLimit.truncated", False)) in _BOOLS for info in infos)
+
+
+def _check_sb3_can_store(**values: tuple[np.ndarray, Callable[[], Any]]) -> None:
+    """Raise ValueError unless each (row, convert) can take what SB3's add() assigns to it, convert()."""
+    for name, (row, convert) in values.items():
         try:
-            np.empty_like(stored.row)[...] = stored.convert()
+            np.empty_like(row)[...] = convert()
         except Exception as error:  # whatever SB3's add() would raise once our frames were stored
             raise ValueError(f"{name} cannot be stored as stable-baselines3 stores it "
                              f"({type(error).__name__}: {error})") from None

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from frame_stacks import (OTHER, SAME, SHIFTED, StackLayout, compare_stacks, decode_stacks, reset_padding, same_bytes,
-                          shifted, stack_ids)
+from frame_stacks import (OTHER, RESET_REPEAT, RESET_ZEROS, SAME, SHIFTED, StackLayout, decode_stacks, follow_stacks,
+                          follow_transition, reset_padding, same_bytes, shifted, stack_ids)
 from obs_comp import make_frame_store
 
 
@@ -56,36 +56,73 @@ def test_shift_and_padding_are_checked_byte_for_byte():
     assert same_bytes(a[:5], a[:5].copy()) and not same_bytes(a[:8], b[:8])
 
 
-@settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 4), frame_stack=st.integers(1, 4),
-       frame_size=st.sampled_from([1, 7, 8, 64, 100, 520]), shift_first=st.booleans(), data=st.data())
-def test_compare_stacks_matches_plain_numpy(seed, n, frame_stack, frame_size, shift_first, data):
-    rng = np.random.default_rng(seed)
+def plain_follow(previous, frames, has_previous, shift_first):
+    """follow_stacks' kind of one stack (K, F) after another, in plain numpy."""
+    same = np.array_equal(frames, previous)
+    shift = np.array_equal(frames[:-1], previous[1:])
+    order = [(shift, SHIFTED), (same, SAME)] if shift_first else [(same, SAME), (shift, SHIFTED)]
+    order += [((frames[:-1] == frames[-1]).all(), RESET_REPEAT), (not frames[:-1].any(), RESET_ZEROS)]
+    return next(kind for holds, kind in order[0 if has_previous else 2:] + [(True, OTHER)] if holds)
+
+
+def related_stacks(rng, data, n, frame_stack, frame_size):
+    """Stacks (n, K, F) and stacks after them that are often the same, shifted, reset stacks or one byte off."""
     previous = rng.integers(0, 3, (n, frame_stack, frame_size), dtype=np.uint8)  # few values: frames often repeat
     frames = np.empty_like(previous)
     for e in range(n):
-        relation = data.draw(st.sampled_from(["same", "shifted", "constant", "other"]))
+        relation = data.draw(st.sampled_from(["same", "shifted", "constant", "repeat", "zeros", "other"]))
         if relation == "constant":  # every frame equal: both same and shifted
             previous[e] = frames[e] = previous[e, 0]
         elif relation == "shifted":
             frames[e] = np.concatenate([previous[e, 1:], rng.integers(0, 3, (1, frame_size), dtype=np.uint8)])
+        elif relation in ("repeat", "zeros"):
+            frames[e] = rng.integers(0, 3, frame_size, dtype=np.uint8) * (relation == "repeat")
+            frames[e, -1] = rng.integers(0, 3, frame_size, dtype=np.uint8)
         else:
             frames[e] = previous[e]
         if relation == "other" or data.draw(st.booleans()):  # one byte anywhere may break the relation
             frames[e].reshape(-1)[rng.integers(frames[e].size)] ^= data.draw(st.sampled_from([0, 1]))
-    previous_code = np.array([data.draw(st.sampled_from([-1, 0, 5])) for _ in range(n)], dtype=np.int64)
-    offset = data.draw(st.sampled_from([0, 0, 3]))  # stacks may start at any byte of a larger array
-    moved = np.empty(offset + frames.size, np.uint8)[offset:].reshape(frames.shape)
-    moved[...] = frames
-    match = compare_stacks(previous, moved, previous_code, shift_first)
+    return previous, frames
+
+
+def at_offset(array, offset):
+    """A copy of array starting `offset` bytes into a larger buffer (stacks may start at any byte)."""
+    moved = np.empty(offset + array.size, np.uint8)[offset:].reshape(array.shape)
+    moved[...] = array
+    return moved
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 4), frame_stack=st.integers(1, 4),
+       frame_size=st.sampled_from([1, 7, 8, 64, 100, 520]), shift_first=st.booleans(), data=st.data())
+def test_follow_stacks_matches_plain_numpy(seed, n, frame_stack, frame_size, shift_first, data):
+    previous, frames = related_stacks(np.random.default_rng(seed), data, n, frame_stack, frame_size)
+    previous_code = np.array([data.draw(st.sampled_from([-1, 0, 5])) for _ in range(n)])
+    has_previous = previous_code >= 0
+    kinds = follow_stacks(previous, at_offset(frames, data.draw(st.sampled_from([0, 0, 3]))), previous_code,
+                          shift_first)
+    assert kinds.tolist() == [plain_follow(previous[e], frames[e], has_previous[e], shift_first) for e in range(n)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 4), frame_stack=st.integers(1, 4),
+       frame_size=st.sampled_from([1, 8, 64, 100]), data=st.data())
+def test_follow_transition_is_obs_after_latest_then_next_obs_after_obs(seed, n, frame_stack, frame_size, data):
+    rng = np.random.default_rng(seed)
+    previous, obs = related_stacks(rng, data, n, frame_stack, frame_size)
+    _, next_obs = related_stacks(rng, data, n, frame_stack, frame_size)
+    for e in range(n):  # mostly the common case: next_obs continues obs
+        if data.draw(st.booleans()):
+            next_obs[e] = np.concatenate([obs[e, 1:], rng.integers(0, 3, (1, frame_size), dtype=np.uint8)])
+    previous_code = np.array([data.draw(st.sampled_from([-1, 0, 5])) for _ in range(n)])
+    has_previous = previous_code >= 0
+    offset = data.draw(st.sampled_from([0, 0, 5]))
+    latest = previous.copy()
+    kinds = follow_transition(latest, at_offset(obs, offset), next_obs, previous_code)
     for e in range(n):
-        same = np.array_equal(frames[e], previous[e])
-        shift = np.array_equal(frames[e, :-1], previous[e, 1:])
-        want = OTHER
-        if previous_code[e] >= 0:
-            order = [(shift, SHIFTED), (same, SAME)] if shift_first else [(same, SAME), (shift, SHIFTED)]
-            want = next((kind for holds, kind in order if holds), OTHER)
-        assert match[e] == want
+        assert kinds[0, e] == plain_follow(previous[e], obs[e], has_previous[e], False)
+        assert kinds[1, e] == plain_follow(obs[e], next_obs[e], kinds[0, e] != OTHER, True)
+    np.testing.assert_array_equal(latest, next_obs)  # the newest stacks now
 
 
 @pytest.mark.parametrize("compression", ["half", "full"])

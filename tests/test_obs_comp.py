@@ -296,7 +296,7 @@ def test_full_rejects_bad_settings():
     for bad in (np.zeros(63, np.uint8), np.zeros((1, 8, 8), np.float32)):
         with pytest.raises(ValueError, match="expected 64 uint8"):
             store.append(bad, episode_start=False)
-    assert store._count == 1  # nothing stored by the rejected frames
+    assert store._state[obs_comp._COUNT] == 1  # nothing stored by the rejected frames
     with pytest.raises(ValueError, match="unknown compression"):
         make_frame_store("zip", 10, (1, 8, 8), 3, 4)
 
