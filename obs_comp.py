@@ -326,10 +326,12 @@ def _pages_behind(tail, state, arena_size):
 
 @numba.njit(cache=True, nogil=True)
 def _span_position(state, episode_start):
-    """(position in the episode, in the anchor's span, in the key's group) of the next frame."""
+    """(position in the episode, in the anchor's span, in the key's group, frames back to its reference: the
+    key, or the anchor for keys; 0 for anchors) of the next frame."""
     episode_pos = 0 if episode_start or state[_COUNT] == 0 else state[_EPISODE_POS] + 1
     in_span = episode_pos % state[_ANCHOR_INTERVAL]
-    return episode_pos, in_span, in_span % state[_KEY_INTERVAL]
+    in_group = in_span % state[_KEY_INTERVAL]
+    return episode_pos, in_span, in_group, in_group if in_group else in_span
 
 
 @numba.njit(cache=True, nogil=True)
@@ -365,13 +367,12 @@ def _append_frame(frame, episode_start, state, refs, run_rows, offsets, kinds, p
     storing nothing."""
     if _pages_behind(_live_payload(state, 1, offsets, ref_dist)[1], state, arena.size):
         return _FREE_FIRST
-    episode_pos, in_span, in_group = _span_position(state, episode_start)
+    episode_pos, in_span, in_group, dist = _span_position(state, episode_start)
     index = (state, offsets, kinds, params, ref_dist, arena)
     headers, values = run_rows[0], run_rows[1]
     if in_span == 0:
         _place_payload(frame, frame[:0], _RAW, frame.size, 0, *index)
     else:
-        dist = in_group if in_group else in_span  # frames back to the reference
         runs, used = _encode_runs(frame, refs[1 if in_group else 0, :frame.size], headers, values)
         cost = frame.size if runs < 0 else 2 * runs + used
         if cost >= state[_ENTROPY_FROM]:
@@ -740,7 +741,7 @@ class DiffFrames:
 
     def _append_entropy(self, frame: np.ndarray, episode_start: bool) -> None:
         """Store the next frame as entropy-coded differences if they save min_entropy_saving bytes on its runs."""
-        episode_pos, in_span, in_group = _span_position(self._state, episode_start)
+        episode_pos, in_span, in_group, dist = _span_position(self._state, episode_start)
         headers, values = self._scratch.headers, self._scratch.values
         runs, used = _encode_runs(frame, self._key if in_group else self._anchor, headers, values)
         kind, payload, param = (_RUNS, (headers[:2 * runs], values[:used]), runs) if runs >= 0 \
@@ -754,7 +755,7 @@ class DiffFrames:
                 len(blob)
             self._entropy_frames += 1
         index = (self._state, self._offsets, self._kinds, self._params, self._ref_dist, self._arena)
-        _place_payload(*payload, kind, param, in_group if in_group else in_span, *index)
+        _place_payload(*payload, kind, param, dist, *index)
         _frame_stored(frame, episode_pos, in_span, in_group, self._state, self._refs)
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
