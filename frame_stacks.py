@@ -110,32 +110,29 @@ def _all_zero(a: np.ndarray, count: int) -> bool:
 
 
 @numba.njit(cache=True, nogil=True)
+def _follow_one(previous, current, frame, has_previous, shift_first):
+    # follow_stacks of one stack as a row (K * frame) of bytes or of words
+    size = current.shape[0]
+    older = size - frame  # all frames but the newest
+    if has_previous:
+        if shift_first and _equal_range(current, 0, previous, frame, older):
+            return SHIFTED
+        if _equal_range(current, 0, previous, 0, size):
+            return SAME
+        if not shift_first and _equal_range(current, 0, previous, frame, older):
+            return SHIFTED
+    for at in range(0, older, frame):
+        if not _equal_range(current, at, current, older, frame):
+            return RESET_ZEROS if _all_zero(current, older) else OTHER
+    return RESET_REPEAT
+
+
+@numba.njit(cache=True, nogil=True)
 def _follow_rows(previous, current, frame, has_previous, shift_first):
     # follow_stacks on stacks as rows (n, K * frame) of bytes or of words
-    kinds = np.full(current.shape[0], OTHER, dtype=np.int8)
-    size = current.shape[1]
-    older = size - frame  # all frames but the newest
+    kinds = np.empty(current.shape[0], dtype=np.int8)
     for e in range(current.shape[0]):
-        p, c = previous[e], current[e]
-        if has_previous[e]:
-            if shift_first and _equal_range(c, 0, p, frame, older):
-                kinds[e] = SHIFTED
-                continue
-            if _equal_range(c, 0, p, 0, size):
-                kinds[e] = SAME
-                continue
-            if not shift_first and _equal_range(c, 0, p, frame, older):
-                kinds[e] = SHIFTED
-                continue
-        repeat = True
-        for at in range(0, older, frame):
-            if not _equal_range(c, at, c, older, frame):
-                repeat = False
-                break
-        if repeat:
-            kinds[e] = RESET_REPEAT
-        elif _all_zero(c, older):
-            kinds[e] = RESET_ZEROS
+        kinds[e] = _follow_one(previous[e], current[e], frame, has_previous[e], shift_first)
     return kinds
 
 
@@ -161,30 +158,26 @@ def follow_stacks(previous: np.ndarray, frames: np.ndarray, previous_code: np.nd
 
 
 @numba.njit(cache=True, nogil=True)
-def _follow_pair(latest, obs, next_obs, frame, has_previous):
+def _transition_kinds(latest, obs, next_obs, frame, has_previous):
     # follow_transition on stacks as rows; next_obs follows obs unless obs is OTHER (kept whole: nothing continues it)
-    kinds = np.empty((2, obs.shape[0]), dtype=np.int8)
-    kinds[0] = _follow_rows(latest, obs, frame, has_previous, False)
-    kinds[1] = _follow_rows(obs, next_obs, frame, kinds[0] != OTHER, True)
-    for e in range(obs.shape[0]):
-        if kinds[0, e] != SAME or kinds[1, e] != SAME:
-            latest[e] = next_obs[e]
-    return kinds
+    obs_kind = _follow_one(latest, obs, frame, has_previous, False)
+    next_kind = _follow_one(obs, next_obs, frame, obs_kind != OTHER, True)
+    if obs_kind != SAME or next_kind != SAME:
+        latest[:] = next_obs
+    return obs_kind, next_kind
 
 
 @numba.njit(cache=True, nogil=True)
 def follow_transition(latest: np.ndarray, obs: np.ndarray, next_obs: np.ndarray,
-                      previous_code: np.ndarray) -> np.ndarray:
-    """follow_stacks of obs after latest, then of next_obs after obs (shifted first), all (n, K, F); int8 (2, n).
-    latest becomes next_obs."""
-    n, frame_stack, frame_size = obs.shape
-    p = latest.reshape(n, frame_stack * frame_size)
-    o = obs.reshape(n, frame_stack * frame_size)
-    x = next_obs.reshape(n, frame_stack * frame_size)
-    has_previous = previous_code >= 0
+                      has_previous: bool) -> tuple[int, int]:
+    """One env's follow_stacks of obs after latest (none if not has_previous), then of next_obs after obs (shifted
+    first), all (K, F) C-contiguous: (obs's kind, next_obs's kind). latest becomes next_obs."""
+    size, frame_size = obs.size, obs.shape[1]
+    p, o, x = latest.reshape(size), obs.reshape(size), next_obs.reshape(size)
     if _word_aligned(frame_size, p, o, x):
-        return _follow_pair(p.view(np.uint64), o.view(np.uint64), x.view(np.uint64), frame_size // 8, has_previous)
-    return _follow_pair(p, o, x, frame_size, has_previous)
+        return _transition_kinds(p.view(np.uint64), o.view(np.uint64), x.view(np.uint64), frame_size // 8,
+                                 has_previous)
+    return _transition_kinds(p, o, x, frame_size, has_previous)
 
 
 def reset_padding(frames: np.ndarray) -> Optional[str]:

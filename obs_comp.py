@@ -4,6 +4,8 @@ A frame store keeps the most recent `capacity` frames appended to it and decodes
 global frame id (the number of frames appended before it). It knows nothing about transitions,
 stacks or sampling; `replay_buffer.py` and `sb3_buffers.py` build those on top. A front end that
 keeps fewer frames than `capacity` says so with `release(before)`, and their memory goes back.
+A front end's own numba kernel appends with `append_frame(frame, episode_start, *store.kernel_args)`
+where it returns an id (>= 0); otherwise the store's append() finishes the job in Python.
 
 `full` format. Within an episode, anchors (the episode's first frame, then every `anchor_interval`
 frames) are raw. Key frames (every `key_interval` frames after an anchor) and the frames between
@@ -47,13 +49,18 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _RAW, _RUNS, _ZPREV, _ZINTRA = 0, 1, 2, 3  # how a `full` frame's payload encodes it (module docstring)
-# DiffFrames' state, one int64 array for its kernels: frames appended, position in the episode,
-# release(before)'s promise, arena offsets (the head, where the next payload goes; the end of the last
-# payload before the head went back to 0; where the pages handed back end, from there back to the head's
-# end of the ring), then its settings (runs this large try zstd; pages go back in steps this large)
-_COUNT, _EPISODE_POS, _FIRST_NEEDED, _HEAD, _WRAP_END, _FREED = range(6)
-_KEY_INTERVAL, _ANCHOR_INTERVAL, _ENTROPY_FROM, _CHUNK = range(6, 10)
-_STORED, _FREE_FIRST, _TRY_ENTROPY = range(3)  # what _append_frame did
+# A store's state, int64 words at the start of its kernel block (one uint8 array, so that a kernel call
+# passes one array for all of it; DiffFrames' index and reference rows follow in the same block):
+# frames appended, position in the episode, release(before)'s promise, arena offsets (the head, where the
+# next payload goes; the end of the last payload before the head went back to 0; where the pages handed
+# back end, from there back to the head's end of the ring), slots holding an entropy-coded frame, then
+# settings fixed at construction (runs this large try zstd; pages go back in steps this large; index
+# slots; bytes of a reference row and their number; which store the block belongs to)
+_COUNT, _EPISODE_POS, _FIRST_NEEDED, _HEAD, _WRAP_END, _FREED, _ENTROPY_FRAMES = range(7)
+_KEY_INTERVAL, _ANCHOR_INTERVAL, _ENTROPY_FROM, _CHUNK, _SLOTS, _REF_ROW, _REF_ROWS, _STORE = range(7, 15)
+_STATE_BYTES = 16 * 8
+_RAW_STORE, _DIFF_STORE = 0, 1  # state[_STORE]
+_FREE_FIRST, _TRY_ENTROPY = -1, -2  # append_frame stored nothing: the store's append() finishes in Python
 _CACHE = 8  # frames a decode walk remembers as references for the frames after them
 _IN_OUT, _IN_WORK, _IN_ARENA = 0, 1, 2  # where a decode walk finds a decoded frame
 _PATCH = 32  # bytes a short run is copied as (_patch)
@@ -70,6 +77,7 @@ class FrameStore(Protocol):
     """Keeps the newest `capacity` frames and decodes them by global frame id."""
 
     capacity: int
+    kernel_args: tuple[np.ndarray, np.ndarray, np.ndarray]  # what append_frame takes to append from a kernel
 
     @property
     def nbytes(self) -> int: ...
@@ -77,7 +85,10 @@ class FrameStore(Protocol):
     @property
     def content_nbytes(self) -> int: ...
 
-    def append(self, frame: np.ndarray, episode_start: bool) -> None: ...
+    @property
+    def count(self) -> int: ...
+
+    def append(self, frame: np.ndarray, episode_start: bool) -> int: ...
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None: ...
 
@@ -118,9 +129,11 @@ class RawFrames:
         self.frame_size = math.prod(frame_shape)
         self._space = _AddressSpace(capacity * self.frame_size)
         self._frames = self._space.array[:capacity * self.frame_size].reshape(capacity, self.frame_size)
-        self._count = 0
+        self._block = _new_block(_RAW_STORE, capacity)
+        self._state = self._block[:_STATE_BYTES].view(np.int64)  # only _COUNT changes, in append_frame
         self._first_needed = 0  # release(before) promises no decode below this id
         self._freed = 0  # frames below this id had their pages handed back
+        self.kernel_args = (self._block, self._space.array, _NO_ROWS)  # what append_frame takes for this store
 
     @property
     def nbytes(self) -> int:
@@ -129,12 +142,17 @@ class RawFrames:
     @property
     def content_nbytes(self) -> int:
         """Bytes that grow with what is stored rather than with capacity: the resident frames."""
-        return (self._count - max(self._freed, self._count - self.capacity)) * self.frame_size
+        count = int(self._state[_COUNT])
+        return (count - max(self._freed, count - self.capacity)) * self.frame_size
 
-    def append(self, frame: np.ndarray, episode_start: bool) -> None:
-        """Store `frame` as the next frame id."""
-        self._frames[self._count % self.capacity] = frame.reshape(-1)
-        self._count += 1
+    @property
+    def count(self) -> int:
+        """Frames appended so far: the next frame's id."""
+        return int(self._state[_COUNT])
+
+    def append(self, frame: np.ndarray, episode_start: bool) -> int:
+        """Store `frame` as the next frame id; that id."""
+        return append_frame(_as_row(frame, self.frame_size), episode_start, *self.kernel_args)
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Write the frames `ids` (M,) into `out` (M, C*H*W) uint8."""
@@ -143,8 +161,9 @@ class RawFrames:
 
     def release(self, before: int) -> None:
         """Frames with id < `before` will not be decoded again: hand their memory back."""
-        self._first_needed = max(self._first_needed, min(before, self._count))
-        start = max(self._freed, self._count - self.capacity)  # below, the ring already holds newer frames
+        count = int(self._state[_COUNT])
+        self._first_needed = max(self._first_needed, min(before, count))
+        start = max(self._freed, count - self.capacity)  # below, the ring already holds newer frames
         if (self._first_needed - start) * self.frame_size >= _RELEASE_CHUNK:
             self._space.release((start % self.capacity) * self.frame_size,
                                 (self._first_needed - start) * self.frame_size)
@@ -152,9 +171,10 @@ class RawFrames:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain arrays (no pickled objects) that restore this store through load_state_dict."""
+        count = int(self._state[_COUNT])
         return {"config": np.array([self.capacity, self.frame_size], dtype=np.int64),
-                "counters": np.array([self._count, self._first_needed], dtype=np.int64),
-                "frames": self._frames[:min(self._count, self.capacity)]}
+                "counters": np.array([count, self._first_needed], dtype=np.int64),
+                "frames": self._frames[:min(count, self.capacity)]}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore what state_dict saved into this (empty or not) store of the same configuration."""
@@ -165,7 +185,7 @@ class RawFrames:
             raise ValueError(f"saved frames have shape {frames.shape} and dtype {frames.dtype}; expected "
                              f"{(min(count, self.capacity), self.frame_size)} uint8")
         self._frames[:len(frames)] = frames
-        self._count, self._first_needed, self._freed = count, first_needed, 0
+        self._state[_COUNT], self._first_needed, self._freed = count, first_needed, 0
 
     def __getstate__(self) -> dict:
         return {"args": (self.capacity, (self.frame_size,)), "state": self.state_dict()}
@@ -346,25 +366,72 @@ def _place_payload(first, second, kind, param, dist, state, offsets, kinds, para
     arena[offset + first.size:offset + size] = second
     state[_HEAD] = offset + max(size, 1)
     slot = state[_COUNT] % offsets.shape[0]
+    # slots no frame was stored in hold _RAW: the count stays that of entropy-coded kinds among all slots
+    state[_ENTROPY_FRAMES] += np.int64(kind >= _ZPREV) - np.int64(kinds[slot] >= _ZPREV)
     offsets[slot], kinds[slot], params[slot], ref_dist[slot] = offset, kind, param, dist
 
 
 @numba.njit(cache=True, nogil=True)
 def _frame_stored(frame, episode_pos, in_span, in_group, state, refs):
-    """Count the frame just placed, and keep it as the reference it is (an anchor, a key)."""
+    """Count the frame just placed, and keep it as the reference it is (an anchor, a key, and with entropy
+    coding the previous frame)."""
     state[_COUNT] += 1
     state[_EPISODE_POS] = episode_pos
     if in_span == 0:
         refs[0, :frame.size] = frame
     if in_group == 0:
         refs[1, :frame.size] = frame
+    if refs.shape[0] > 2:
+        refs[2, :frame.size] = frame
 
 
 @numba.njit(cache=True, nogil=True)
-def _append_frame(frame, episode_start, state, refs, run_rows, offsets, kinds, params, ref_dist, arena):
-    """Store the next frame: raw if an anchor, else byte runs against its anchor or key (refs), raw where not
-    smaller; _FREE_FIRST (pages to hand back) or _TRY_ENTROPY (runs of _ENTROPY_FROM bytes or more) instead,
-    storing nothing."""
+def _block_sections(slots, ref_row, ref_rows):
+    """Byte offsets in a DiffFrames kernel block of its references, offsets, params, ref_dist and kinds, and its
+    size; each 8-byte aligned, after the state."""
+    refs = _STATE_BYTES
+    offsets = refs + ref_row * ref_rows
+    params = offsets + 8 * slots
+    ref_dist = params + -(-4 * slots // 8) * 8
+    kinds = ref_dist + -(-4 * slots // 8) * 8
+    return refs, offsets, params, ref_dist, kinds, kinds + -(-slots // 8) * 8
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_views(block):
+    """(state, references (rows, row), offsets, kinds, params, ref_dist) of a DiffFrames kernel block, as views."""
+    state = block[:_STATE_BYTES].view(np.int64)
+    slots, row, rows = state[_SLOTS], state[_REF_ROW], state[_REF_ROWS]
+    refs, offsets, params, ref_dist, kinds, _ = _block_sections(slots, row, rows)
+    return (state, block[refs:offsets].reshape(rows, row), block[offsets:params].view(np.int64),
+            block[kinds:kinds + slots], block[params:params + 4 * slots].view(np.int32),
+            block[ref_dist:ref_dist + 4 * slots].view(np.int32))
+
+
+def _new_block(store: int, slots: int, ref_row: int = 0, ref_rows: int = 0) -> np.ndarray:
+    """A zeroed kernel block holding its settings: the state, then for DiffFrames its references and index."""
+    block = np.zeros(_STATE_BYTES if store == _RAW_STORE else _block_sections(slots, ref_row, ref_rows)[-1],
+                     dtype=np.uint8)
+    block[:_STATE_BYTES].view(np.int64)[[_SLOTS, _REF_ROW, _REF_ROWS, _STORE]] = slots, ref_row, ref_rows, store
+    return block
+
+
+@numba.njit(cache=True, nogil=True)
+def _append_raw(frame, block, arena):
+    """Copy the frame into its ring slot of a RawFrames arena; its id."""
+    state = block[:_STATE_BYTES].view(np.int64)
+    count = state[_COUNT]
+    _memcpy(arena, (count % state[_SLOTS]) * frame.size, frame, 0, frame.size)
+    state[_COUNT] = count + 1
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
+def _append_diff(frame, episode_start, block, arena, run_rows):
+    """Store the next frame of a DiffFrames: raw if an anchor, else byte runs against its anchor or key, raw where
+    not smaller; its id, or _FREE_FIRST (pages to hand back) or _TRY_ENTROPY (runs of _ENTROPY_FROM bytes or
+    more) instead, storing nothing."""
+    state, refs, offsets, kinds, params, ref_dist = _block_views(block)
     if _pages_behind(_live_payload(state, 1, offsets, ref_dist)[1], state, arena.size):
         return _FREE_FIRST
     episode_pos, in_span, in_group, dist = _span_position(state, episode_start)
@@ -382,7 +449,30 @@ def _append_frame(frame, episode_start, state, refs, run_rows, offsets, kinds, p
         else:
             _place_payload(headers[:2 * runs], values[:used], _RUNS, runs, dist, *index)
     _frame_stored(frame, episode_pos, in_span, in_group, state, refs)
-    return _STORED
+    return state[_COUNT] - 1
+
+
+@numba.njit(cache=True, nogil=True)
+def append_frame(frame, episode_start, block, arena, rows):
+    """Store `frame` (a row of uint8) as the next id of the store whose `kernel_args` are (block, arena, rows): that
+    id, or a negative value, storing nothing, where the store's own append() must finish the job. For front
+    ends' kernels; frames are not checked here."""
+    if block[:_STATE_BYTES].view(np.int64)[_STORE] == _RAW_STORE:
+        return _append_raw(frame, block, arena)
+    return _append_diff(frame, episode_start, block, arena, rows)
+
+
+def _as_row(frame: np.ndarray, frame_size: int) -> np.ndarray:
+    """`frame` as a contiguous row of frame_size uint8, or ValueError."""
+    if type(frame) is np.ndarray and frame.dtype is _UINT8 and frame.shape == (frame_size,) and frame.strides == (1,):
+        return frame
+    frame = np.ascontiguousarray(frame).reshape(-1)
+    if frame.size != frame_size or frame.dtype != np.uint8:
+        raise ValueError(f"frame has {frame.size} values of dtype {frame.dtype}; expected {frame_size} uint8")
+    return frame
+
+
+_NO_ROWS = np.empty((2, 0), dtype=np.uint8)  # append_frame's encoder rows for stores that encode nothing
 
 
 @numba.njit(cache=True, nogil=True)
@@ -669,36 +759,30 @@ class DiffFrames:
         # A frame's references reach back at most anchor_interval - 1 frames, so that many extra
         # slots keep every reference of the newest `capacity` frames decodable.
         self._slots = capacity + anchor_interval - 1
-        self._offsets = np.zeros(self._slots, dtype=np.int64)  # in bytes
-        self._kinds = np.zeros(self._slots, dtype=np.uint8)    # _RAW, _RUNS, _ZPREV or _ZINTRA
-        self._params = np.zeros(self._slots, dtype=np.int32)   # _RUNS: (skip, length) pairs; _Z*: payload bytes
-        self._ref_dist = np.zeros(self._slots, dtype=np.int32)  # frames back to the run reference (0: anchor)
+        # One block for the kernels: state, references (the span's anchor, the group's key and, kept only for
+        # entropy coding, the last frame; rows on 8-byte boundaries as _encode_runs compares words), then per
+        # slot its payload's offset in bytes, its kind (_RAW, _RUNS, _ZPREV or _ZINTRA), its param (_RUNS:
+        # (skip, length) pairs; _Z*: payload bytes) and frames back to its run reference (0: anchor).
+        self._block = _new_block(_DIFF_STORE, self._slots, -(-self.frame_size // 8) * 8, 3 if entropy else 2)
+        self._state, self._refs, self._offsets, self._kinds, self._params, self._ref_dist = _block_views(self._block)
+        self._anchor, self._key = self._refs[:2, :self.frame_size]
+        self._previous = self._refs[2, :self.frame_size] if entropy else np.zeros(0, dtype=np.uint8)
         # Worst case, every held frame is raw. One frame more covers the end skipped when the head
         # wraps, one the payload being placed, and a release chunk the pages not yet handed back
         # behind the tail: the head then never reaches the tail nor a page about to be released.
         self._space = _AddressSpace((self._slots + 2) * self.frame_size + _RELEASE_CHUNK + _PAGE)
         self._arena = self._space.array
-        self._row = (self.frame_size,)
-        self._state = np.zeros(10, dtype=np.int64)  # _COUNT, _EPISODE_POS, ...: where stream and arena stand
-        self._entropy_frames = 0  # slots holding an entropy-coded frame
-        # the span's anchor and the group's key, each on an 8-byte boundary (_encode_runs compares words)
-        self._refs = np.zeros((2, -(-self.frame_size // 8) * 8), dtype=np.uint8)
-        self._anchor, self._key = self._refs[:, :self.frame_size]
-        # the last frame, which entropy-coded differences are taken against (kept only for them)
-        self._previous = np.zeros(self.frame_size if entropy else 0, dtype=np.uint8)
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
         # byte runs this large are worth a zstd pass if it saves min_entropy_saving bytes: its decompression
         # costs time in proportion to the frame, where runs cost a few memcpys
         entropy_from = 2 * min_entropy_saving if entropy else self.frame_size + 1
-        self._state[_KEY_INTERVAL:] = key_interval, anchor_interval, entropy_from, _RELEASE_CHUNK  # fixed from here
-        # what _append_frame reads and writes (arrays only ever changed in place)
-        self._append_args = (self._state, self._refs, self._scratch.runs, self._offsets, self._kinds, self._params,
-                             self._ref_dist, self._arena)
+        self._state[[_KEY_INTERVAL, _ANCHOR_INTERVAL, _ENTROPY_FROM, _CHUNK]] = \
+            key_interval, anchor_interval, entropy_from, _RELEASE_CHUNK  # fixed from here
+        self.kernel_args = (self._block, self._arena, self._scratch.runs)  # what append_frame takes for this store
 
     @property
     def nbytes(self) -> int:
-        references = self._refs.nbytes + self._previous.nbytes
-        return self.content_nbytes + references + (self._scratch.nbytes if self._owns_scratch else 0)
+        return self.content_nbytes + self._refs.nbytes + (self._scratch.nbytes if self._owns_scratch else 0)
 
     @property
     def decode_scratch_nbytes(self) -> int:
@@ -717,30 +801,30 @@ class DiffFrames:
         """Bytes of the arena that hold stored frames (the rest is slack left by wrapping and pages)."""
         return self._live_payload(evicting=False)[3]
 
-    def append(self, frame: np.ndarray, episode_start: bool) -> None:
-        """Encode and store `frame` as the next frame id."""
-        if type(frame) is not np.ndarray or frame.dtype is not _UINT8 or frame.shape != self._row or \
-                frame.strides != (1,):  # not already a row of bytes
-            frame = np.ascontiguousarray(frame).reshape(-1)
-            if frame.size != self.frame_size or frame.dtype != np.uint8:
-                raise ValueError(f"frame has {frame.size} values of dtype {frame.dtype}; "
-                                 f"expected {self.frame_size} uint8")
-        count = int(self._state[_COUNT])
-        # the slot's previous frame leaves
-        leaving = int(self._entropy_frames > 0 and count >= self._slots and self._kinds[count % self._slots] >= _ZPREV)
-        done = _append_frame(frame, episode_start, *self._append_args)
-        if done == _FREE_FIRST:  # pages behind the tail go back before a payload can reach them
-            self._free_behind(self._live_payload(evicting=True)[1])
-            done = _append_frame(frame, episode_start, *self._append_args)
-            assert done != _FREE_FIRST, "the pages behind the tail were handed back"
-        if done == _TRY_ENTROPY:
-            self._append_entropy(frame, episode_start)
-        self._entropy_frames -= leaving
-        if self.entropy:
-            self._previous[:] = frame
+    @property
+    def count(self) -> int:
+        """Frames appended so far: the next frame's id."""
+        return int(self._state[_COUNT])
 
-    def _append_entropy(self, frame: np.ndarray, episode_start: bool) -> None:
-        """Store the next frame as entropy-coded differences if they save min_entropy_saving bytes on its runs."""
+    @property
+    def entropy_frames(self) -> int:
+        """Frames held entropy-coded."""
+        return int(self._state[_ENTROPY_FRAMES])
+
+    def append(self, frame: np.ndarray, episode_start: bool) -> int:
+        """Encode and store `frame` as the next frame id; that id."""
+        frame = _as_row(frame, self.frame_size)
+        stored = append_frame(frame, episode_start, *self.kernel_args)
+        if stored == _FREE_FIRST:  # pages behind the tail go back before a payload can reach them
+            self._free_behind(self._live_payload(evicting=True)[1])
+            stored = append_frame(frame, episode_start, *self.kernel_args)
+            assert stored != _FREE_FIRST, "the pages behind the tail were handed back"
+        if stored == _TRY_ENTROPY:
+            stored = self._append_entropy(frame, episode_start)
+        return stored
+
+    def _append_entropy(self, frame: np.ndarray, episode_start: bool) -> int:
+        """Store the next frame as entropy-coded differences if they save min_entropy_saving bytes on its runs; its id."""
         episode_pos, in_span, in_group, dist = _span_position(self._state, episode_start)
         headers, values = self._scratch.headers, self._scratch.values
         runs, used = _encode_runs(frame, self._key if in_group else self._anchor, headers, values)
@@ -753,16 +837,16 @@ class DiffFrames:
         if len(blob) <= (self.frame_size if runs < 0 else 2 * runs + used) - self.min_entropy_saving:
             kind, payload, param = (_ZPREV if in_group else _ZINTRA), (np.frombuffer(blob, np.uint8), frame[:0]), \
                 len(blob)
-            self._entropy_frames += 1
         index = (self._state, self._offsets, self._kinds, self._params, self._ref_dist, self._arena)
         _place_payload(*payload, kind, param, dist, *index)
         _frame_stored(frame, episode_pos, in_span, in_group, self._state, self._refs)
+        return int(self._state[_COUNT]) - 1
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Write the frames `ids` (M,) into `out` (M, C*H*W) uint8."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         flat = out.reshape(-1) if out.flags.c_contiguous else np.empty(out.size, dtype=np.uint8)
-        if self._entropy_frames:
+        if self._state[_ENTROPY_FRAMES]:
             needs = _needs_entropy(ids, self._slots, self._kinds, self._ref_dist)
             runs_only, entropy = np.flatnonzero(~needs), np.flatnonzero(needs)
             runs_order = runs_only[np.argsort(ids[runs_only])]
@@ -840,9 +924,9 @@ class DiffFrames:
         self._anchor[:], self._key[:] = state["anchor"], state["key"]
         if self.entropy:
             self._previous[:] = state["previous"]
-        self._state[:_FREED + 1] = 0
-        self._state[[_COUNT, _EPISODE_POS, _FIRST_NEEDED, _HEAD]] = count, episode_pos, first_needed, live
-        self._entropy_frames = int(np.count_nonzero(self._kinds >= _ZPREV))
+        self._state[:_KEY_INTERVAL] = 0
+        self._state[[_COUNT, _EPISODE_POS, _FIRST_NEEDED, _HEAD, _ENTROPY_FRAMES]] = \
+            count, episode_pos, first_needed, live, np.count_nonzero(self._kinds >= _ZPREV)
 
     def __getstate__(self) -> dict:
         args = (self.capacity, self.frame_shape, self.key_interval, self.anchor_interval)

@@ -29,17 +29,18 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional
 
+import numba
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.preprocessing import get_obs_shape
-from stable_baselines3.common.type_aliases import RolloutBufferSamples
+from stable_baselines3.common.type_aliases import ReplayBufferSamples, RolloutBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
 from frame_stacks import (OTHER, RESET_ZEROS, SAME, SHIFTED, StackLayout, decode_stacks, follow_stacks,
                           follow_transition)
-from obs_comp import DiffScratch, make_frame_store
+from obs_comp import DiffScratch, append_frame, make_frame_store
 
 COMPRESSIONS = ("half", "full")
 # full's codec on Atari frames (bench/table2.py --sweep on the ten games of Table II): byte runs only, as
@@ -49,6 +50,62 @@ FULL_OPTIONS = {"entropy": False}
 _RELEASE_EVERY = 16  # steps between releases of a full replay ring's oldest frames
 # The space SB3 is shown when it builds its observation arrays: one int64 stack code per slot.
 _CODE_SPACE = spaces.Box(low=np.iinfo(np.int64).min, high=np.iinfo(np.int64).max, shape=(1,), dtype=np.int64)
+# rows of FrameStreams.state, per env: the newest stack's code (< 0: none, or kept whole: nothing continues
+# it), and the last transition's obs code and how its obs and next_obs followed the newest stack
+_NEWEST, _OBS_CODE, _OBS_KIND, _NEXT_KIND = range(4)
+
+
+@numba.njit(cache=True, nogil=True)
+def _stack_code(newest, env, n_envs, frame_stack, real, zero_padded):
+    """The code of env's stack that ends at frame id `newest` and has `real` real frames (FrameStreams)."""
+    return ((newest * n_envs + env) * frame_stack + real - 1) * 2 + zero_padded
+
+
+@numba.njit(cache=True, nogil=True)
+def _code_parts(code, n_envs, frame_stack):
+    """(newest frame id, real frames, zero padded) of a stored stack's code."""
+    rest, zero_padded = divmod(code, 2)
+    rest, older_real = divmod(rest, frame_stack)
+    return rest // n_envs, older_real + 1, zero_padded
+
+
+@numba.njit(cache=True, nogil=True)
+def _next_stack(kind, newest_code, n_envs, frame_stack):
+    """(episode start, real frames, zero padded) of a stack that follows the newest one as `kind` says (an append)."""
+    if kind == SHIFTED:
+        _, real, zero_padded = _code_parts(newest_code, n_envs, frame_stack)
+        return False, min(real + 1, frame_stack), zero_padded
+    return True, 1, np.int64(kind == RESET_ZEROS)
+
+
+@numba.njit(cache=True, nogil=True)
+def _follow_in_store(kind, frames, env, state, block, arena, rows):
+    """Make env's stack `frames` (K, F), which follows its newest as `kind` (not OTHER) says, its newest: whether
+    done (False: the store's own append() must store its frame)."""
+    if kind == SAME:
+        return True
+    n_envs, frame_stack = state.shape[1], frames.shape[0]
+    episode_start, real, zero_padded = _next_stack(kind, state[_NEWEST, env], n_envs, frame_stack)
+    newest = append_frame(frames[frame_stack - 1], episode_start, block, arena, rows)
+    if newest < 0:
+        return False
+    state[_NEWEST, env] = _stack_code(newest, env, n_envs, frame_stack, real, zero_padded)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _store_transition(latest, obs, next_obs, state, env, block, arena, rows):
+    """Make env's stacks obs, then next_obs (n_envs, K, F) its newest, in its store (kernel_args block, arena, rows):
+    how many of the two it stored, their kinds in state. The caller stores the rest: from the first stack to be
+    kept whole (OTHER) or whose frame the store's own append() must store."""
+    obs_kind, next_kind = follow_transition(latest[env], obs[env], next_obs[env], state[_NEWEST, env] >= 0)
+    state[_OBS_KIND, env], state[_NEXT_KIND, env] = obs_kind, next_kind
+    if obs_kind == OTHER or not _follow_in_store(obs_kind, obs[env], env, state, block, arena, rows):
+        return 0
+    state[_OBS_CODE, env] = state[_NEWEST, env]
+    if next_kind == OTHER or not _follow_in_store(next_kind, next_obs[env], env, state, block, arena, rows):
+        return 1
+    return 2
 
 
 def stack_layout(observation_space: spaces.Space, frame_stack: int, channels_last: Optional[bool],
@@ -89,10 +146,9 @@ class FrameStreams:
         shared = {} if self.scratch is None else {"scratch": self.scratch}
         self.stores = [make_frame_store(compression, frames_per_env, layout.frame_shape, key_interval,
                                         anchor_interval, **full_options, **shared) for _ in range(n_envs)]
-        self.counts = [0] * n_envs  # frames appended to each env's store
-        # each env's newest stack, checked against the next one; < 0: none, or kept whole (nothing continues it)
-        self.latest_code = np.full(n_envs, -1, dtype=np.int64)
-        # a copy of it saves decoding it at every add, for frame_stack frames per env
+        self.state = np.zeros((4, n_envs), dtype=np.int64)  # _NEWEST, _OBS_CODE, ... per env
+        self.state[_NEWEST] = -1
+        # a copy of each env's newest stack saves decoding it at every add, for frame_stack frames per env
         self.latest = np.zeros((n_envs, layout.frame_stack, layout.frame_size), dtype=np.uint8) if keep_latest else None
         self.whole = np.zeros((0, layout.frame_stack * layout.frame_size), dtype=np.uint8)
         self.free_whole: list[int] = []
@@ -123,47 +179,51 @@ class FrameStreams:
         assert self.latest is None, "streams that keep a copy of the newest stacks store transitions"
         frames = self.layout.frames(obs)
         previous = np.empty_like(frames)
-        for env in np.flatnonzero(self.latest_code >= 0):
-            previous[env] = self._stack_frames(env, int(self.latest_code[env]))
+        newest = self.state[_NEWEST]
+        for env in np.flatnonzero(newest >= 0):
+            previous[env] = self._stack_frames(env, int(newest[env]))
         # a rollout's stack usually is the previous one shifted: tried first
-        self._follow(follow_stacks(previous, frames, self.latest_code, True).tolist(), frames, obs)
-        return self.latest_code.copy()
+        for env, kind in enumerate(follow_stacks(previous, frames, newest, True).tolist()):
+            self._follow(env, kind, frames[env], obs[env])
+        return newest.copy()
 
     def encode_transition(self, obs: np.ndarray, next_obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store the stacks obs, then next_obs (n_envs, *obs_shape) of one step; their codes (n_envs,) each.
-        For streams that keep a copy of each env's newest stack."""
+        """Store the stacks obs, then next_obs (n_envs, *obs_shape) of one step; their codes (n_envs,) each, as views
+        valid until the next call. For streams that keep a copy of each env's newest stack."""
         frames, next_frames = self.layout.frames(obs), self.layout.frames(next_obs)
-        # obs usually equals the previous next_obs, and next_obs is obs shifted; the copy becomes next_obs
-        obs_kinds, next_kinds = follow_transition(self.latest, frames, next_frames, self.latest_code).tolist()
+        state = self.state
         try:
-            self._follow(obs_kinds, frames, obs)
-            obs_codes = self.latest_code.copy()
-            self._follow(next_kinds, next_frames, next_obs)
+            # envs are independent streams; per env, one kernel call stores both stacks unless one needs Python
+            for env, store in enumerate(self.stores):
+                stored = _store_transition(self.latest, frames, next_frames, state, env, *store.kernel_args)
+                if stored < 2:
+                    self._finish_transition(env, stored, (frames, next_frames), (obs, next_obs))
         except BaseException:  # the copy may not be of the newest stacks now: nothing may continue them
-            self.latest_code[:] = -1
+            state[_NEWEST] = -1
             raise
-        return obs_codes, self.latest_code.copy()
+        return state[_OBS_CODE], state[_NEWEST]
 
-    def _follow(self, kinds: list[int], frames: np.ndarray, obs: np.ndarray) -> None:
-        """Make each env's stack frames[env] (obs[env]) its newest, stored as follow_stacks' kinds[env] says."""
-        for env, kind in enumerate(kinds):
-            if kind == SAME:  # the env's newest code and stack stay
-                continue
-            if kind == SHIFTED:
-                _, real, zero_padded = self._unpack(int(self.latest_code[env]))
-                code = self._append(env, frames[env, -1], False, min(real + 1, self.layout.frame_stack), zero_padded)
-            elif kind == OTHER:
-                code = self._keep_whole(obs[env])  # nothing continues it
-            else:
-                code = self._append(env, frames[env, -1], True, 1, kind == RESET_ZEROS)
-            self.latest_code[env] = code
+    def _finish_transition(self, env: int, stored: int, frames: tuple[np.ndarray, np.ndarray],
+                           stacks: tuple[np.ndarray, np.ndarray]) -> None:
+        """Store env's stacks of a transition that _store_transition left, from the `stored`-th on."""
+        for i in range(stored, 2):
+            self._follow(env, int(self.state[_OBS_KIND + i, env]), frames[i][env], stacks[i][env])
+            if i == 0:
+                self.state[_OBS_CODE, env] = self.state[_NEWEST, env]
 
-    def _append(self, env: int, frame: np.ndarray, episode_start: bool, real: int, zero_padded: bool) -> int:
-        """Append `frame` to env's store; the code of the stack it ends with `real` real frames."""
-        self.stores[env].append(frame, episode_start=episode_start)
-        newest = self.counts[env]
-        self.counts[env] += 1
-        return ((newest * self.n_envs + env) * self.layout.frame_stack + real - 1) * 2 + int(zero_padded)
+    def _follow(self, env: int, kind: int, frames: np.ndarray, stack: np.ndarray) -> None:
+        """Make env's stack `stack` (its frames (K, F)) its newest, stored as its kind (follow_stacks) says."""
+        if kind == OTHER:
+            self.state[_NEWEST, env] = self._keep_whole(stack)  # nothing continues it
+        elif not _follow_in_store(kind, frames, env, self.state, *self.stores[env].kernel_args):
+            episode_start, real, zero_padded = _next_stack(kind, self.state[_NEWEST, env], self.n_envs,
+                                                           self.layout.frame_stack)
+            self._append(env, frames[-1], episode_start, real, zero_padded)
+
+    def _append(self, env: int, frame: np.ndarray, episode_start: bool, real: int, zero_padded: int) -> None:
+        """Append `frame` to env's store; the stack it ends, with `real` real frames, becomes env's newest."""
+        newest = self.stores[env].append(frame, episode_start=episode_start)
+        self.state[_NEWEST, env] = _stack_code(newest, env, self.n_envs, self.layout.frame_stack, real, zero_padded)
 
     def _stack_frames(self, env: int, code: int) -> np.ndarray:
         """The frames (K, frame_size) of one stored stack of env."""
@@ -175,9 +235,8 @@ class FrameStreams:
 
     def _unpack(self, code: int) -> tuple[int, int, bool]:
         """(newest frame id, real frames, zero padded) of a stored stack's code."""
-        rest, zero_padded = divmod(code, 2)
-        rest, real = divmod(rest, self.layout.frame_stack)
-        return rest // self.n_envs, real + 1, bool(zero_padded)
+        newest, real, zero_padded = _code_parts(code, self.n_envs, self.layout.frame_stack)
+        return newest, real, bool(zero_padded)
 
     def _keep_whole(self, obs: np.ndarray) -> int:
         if not self.free_whole:
@@ -213,9 +272,9 @@ class FrameStreams:
 
     def release_all(self) -> None:
         """No step is stored: keep only each env's newest stack, which the next stack may continue."""
-        self.release_before(self.latest_code[:, None])
-        for env in np.flatnonzero(self.latest_code < 0):
-            self.stores[env].release(self.counts[env])
+        self.release_before(self.state[_NEWEST, :, None])
+        for env in np.flatnonzero(self.state[_NEWEST] < 0):
+            self.stores[env].release(self.stores[env].count)
 
     def restart(self) -> None:
         """No step is stored: each env's newest stack becomes a new stream of its real frames, and older frames go.
@@ -226,15 +285,14 @@ class FrameStreams:
         """
         self.drop_all()
         for env in range(self.n_envs):
-            code = int(self.latest_code[env])
+            code = int(self.state[_NEWEST, env])
             frames = None if code < 0 else self._stack_frames(env, code)
-            self.stores[env].release(self.counts[env])
+            self.stores[env].release(self.stores[env].count)
             if frames is None:
                 continue
             _, real, zero_padded = self._unpack(code)
             for i, frame in enumerate(frames[-real:]):
-                code = self._append(env, frame, i == 0, i + 1, zero_padded)
-            self.latest_code[env] = code
+                self._append(env, frame, i == 0, i + 1, int(zero_padded))
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """The stacks (M, *obs_shape) of codes (M, ...)."""
@@ -294,6 +352,7 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
                                      key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
         self.compression = compression
         self._plain_signature: Optional[tuple] = None  # (type, dtype, shape) of plain action, reward and done
+        self._decoded: Optional[tuple[np.ndarray, np.ndarray]] = None  # (codes, stacks) while _get_samples runs
         # SB3 builds (and checks free RAM for) observation arrays of the space it is given: codes.
         super().__init__(buffer_size, _CODE_SPACE, action_space, device, n_envs, False, handle_timeout_termination)
         self.observation_space = observation_space
@@ -344,8 +403,25 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
         self._streams.drop_all()
         self._streams.release_all()
 
+    def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> ReplayBufferSamples:
+        """SB3's batch; with one env, the observations and next observations it will index are decoded together
+        (they share frames)."""
+        if self.n_envs == 1:  # every sampled step is env 0's
+            codes = np.concatenate([self.observations[batch_inds, 0], self.next_observations[batch_inds, 0]])
+            self._decoded = codes, self._streams.decode(codes)
+        try:
+            return super()._get_samples(batch_inds, env)
+        finally:
+            self._decoded = None
+
     def _normalize_obs(self, obs: np.ndarray, env: Optional[VecNormalize] = None) -> np.ndarray:
-        """SB3's _get_samples passes the observations it indexed through here: decode the codes, then normalize as SB3 does."""
+        """SB3's _get_samples passes the observations it indexed through here: the stacks of those codes (decoded
+        ahead by _get_samples where it foresaw them), normalized as SB3 does."""
+        if self._decoded is not None:
+            codes, stacks = self._decoded
+            for part in (slice(0, len(obs)), slice(len(obs), None)):
+                if np.array_equal(codes[part], obs):
+                    return super()._normalize_obs(stacks[part], env)
         return super()._normalize_obs(self._streams.decode(obs), env)
 
 

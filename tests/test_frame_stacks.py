@@ -117,11 +117,11 @@ def test_follow_transition_is_obs_after_latest_then_next_obs_after_obs(seed, n, 
     previous_code = np.array([data.draw(st.sampled_from([-1, 0, 5])) for _ in range(n)])
     has_previous = previous_code >= 0
     offset = data.draw(st.sampled_from([0, 0, 5]))
-    latest = previous.copy()
-    kinds = follow_transition(latest, at_offset(obs, offset), next_obs, previous_code)
+    latest, moved = previous.copy(), at_offset(obs, offset)
     for e in range(n):
-        assert kinds[0, e] == plain_follow(previous[e], obs[e], has_previous[e], False)
-        assert kinds[1, e] == plain_follow(obs[e], next_obs[e], kinds[0, e] != OTHER, True)
+        obs_kind, next_kind = follow_transition(latest[e], moved[e], next_obs[e], has_previous[e])
+        assert obs_kind == plain_follow(previous[e], obs[e], has_previous[e], False)
+        assert next_kind == plain_follow(obs[e], next_obs[e], obs_kind != OTHER, True)
     np.testing.assert_array_equal(latest, next_obs)  # the newest stacks now
 
 

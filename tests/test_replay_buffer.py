@@ -349,7 +349,7 @@ def test_lossless_on_rendered_walker(grayscale, floor):
     for buf in bufs.values():
         check_against_reference(buf, ref)
     if floor:  # the scrolling floor is what entropy-coded differences are for: they must be in play
-        assert bufs["full"]._frames._entropy_frames > 0
+        assert bufs["full"]._frames.entropy_frames > 0
 
 
 def _through_npz(state):

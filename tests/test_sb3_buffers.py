@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
 
 import sb3_buffers
+from frame_stacks import follow_transition
 from obs_comp import make_frame_store
 from sb3_buffers import CompressedReplayBuffer, CompressedRolloutBuffer
 
@@ -90,14 +91,15 @@ class StrictStore:
     """A real frame store that fails a test when asked for a frame it was allowed to let go or no longer holds."""
 
     def __init__(self, store):
-        self.store, self.capacity, self.count, self.released = store, store.capacity, 0, 0
+        self.store, self.capacity, self.released = store, store.capacity, 0
 
     nbytes = property(lambda self: self.store.nbytes)
     content_nbytes = property(lambda self: self.store.content_nbytes)
+    count = property(lambda self: self.store.count)
+    kernel_args = property(lambda self: self.store.kernel_args)  # kernels append to the store itself
 
     def append(self, frame, episode_start):
-        self.store.append(frame, episode_start)
-        self.count += 1
+        return self.store.append(frame, episode_start)
 
     def release(self, before):
         assert before <= self.count
@@ -366,15 +368,37 @@ def test_replay_keeps_exact_samples_after_an_add_failed_midway():
     # add comparing against stacks whose frames were never stored.
     envs = StackingEnvs(np.random.default_rng(4), 2, 3, (1, 5, 5), False, "zeros", p_done=0.1)
     ref, ours = make_replay_pair(envs, 40)
+    store_transition = sb3_buffers._store_transition
+
+    def fail_on_second_env(latest, obs, next_obs, state, env, *store):
+        if env == 0:
+            return store_transition(latest, obs, next_obs, state, env, *store)
+        follow_transition(latest[env], obs[env], next_obs[env], state[0, env] >= 0)  # compared, nothing stored
+        raise MemoryError
+
     for t, transition in enumerate(replay_transitions(envs, 30)):
         if t == 10:
-            with mock.patch.object(sb3_buffers.FrameStreams, "_append", side_effect=MemoryError), \
-                    pytest.raises(MemoryError):
+            with mock.patch.object(sb3_buffers, "_store_transition", fail_on_second_env), pytest.raises(MemoryError):
                 ours.add(*transition)
             continue
         ref.add(*transition)
         ours.add(*transition)
     assert_same_replay_samples(ref, ours, 5, batch_size=60)
+
+
+def test_replay_stays_exact_where_stores_finish_appends_in_python():
+    # With entropy coding a store's append finishes in Python where zstd is tried: the transition kernel
+    # leaves that frame, and the rest of its transition, to FrameStreams' Python path.
+    envs = StackingEnvs(np.random.default_rng(5), 2, 4, (1, 64, 64), False, "zeros", p_done=0.2)
+    ref, ours = make_replay_pair(envs, 16, entropy=True, min_entropy_saving=256)
+    streams = sb3_buffers.FrameStreams
+    with mock.patch.object(streams, "_append", autospec=True, side_effect=streams._append) as python_appends:
+        for t, transition in enumerate(replay_transitions(envs, 200)):
+            ref.add(*transition)
+            ours.add(*transition)
+            if t % 10 == 9:
+                assert_same_replay_samples(ref, ours, t, batch_size=40)
+    assert python_appends.call_count > 0 and ours._streams.stores[0].entropy_frames > 0
 
 
 def test_bad_rollout_add_raises_and_leaves_buffer_unchanged():
