@@ -20,9 +20,9 @@ get() batches byte-identical to SB3's ReplayBuffer (optimize_memory_usage=False)
 Note that `.observations` (and `.next_observations`) therefore hold codes, not images.
 
 Verified stacks add at most two frames per stored step (a reset obs and a next_obs), so a store of
-`2 * buffer_size + frame_stack` frames holds every frame a stored step refers to; the buffers tell
-each store which frames no stored step needs any more (a full replay ring every _RELEASE_EVERY steps),
-and their memory goes back (obs_comp).
+`2 * buffer_size + frame_stack` frames (plus _SPARE) holds every frame a stored step refers to; the
+buffers tell each store which frames no stored step needs any more (a full replay ring every
+_RELEASE_EVERY steps), and their memory goes back (obs_comp).
 """
 from __future__ import annotations
 
@@ -48,11 +48,17 @@ COMPRESSIONS = ("half", "full")
 KEY_INTERVAL, ANCHOR_INTERVAL = 3, 200
 FULL_OPTIONS = {"entropy": False}
 _RELEASE_EVERY = 16  # steps between releases of a full replay ring's oldest frames
+# frames each store holds beyond what stored steps need: those of one add that failed part-way (a
+# KeyboardInterrupt, or a MemoryError growing the pool of whole stacks) per pass of the ring
+_SPARE = 2
 # The space SB3 is shown when it builds its observation arrays: one int64 stack code per slot.
 _CODE_SPACE = spaces.Box(low=np.iinfo(np.int64).min, high=np.iinfo(np.int64).max, shape=(1,), dtype=np.int64)
 # rows of FrameStreams.state, per env: the newest stack's code (< 0: none, or kept whole: nothing continues
 # it), and the last transition's obs code and how its obs and next_obs followed the newest stack
 _NEWEST, _OBS_CODE, _OBS_KIND, _NEXT_KIND = range(4)
+# Kernels that call into obs_comp or frame_stacks, or use their constants, are compiled in each process
+# (a few seconds, when its first buffer is built): numba's disk cache would not notice a change in those files.
+_NO_DISK_CACHE = {"cache": False, "nogil": True}
 
 
 @numba.njit(cache=True, nogil=True)
@@ -69,7 +75,7 @@ def _code_parts(code, n_envs, frame_stack):
     return rest // n_envs, older_real + 1, zero_padded
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_NO_DISK_CACHE)
 def _next_stack(kind, newest_code, n_envs, frame_stack):
     """(episode start, real frames, zero padded) of a stack that follows the newest one as `kind` says (an append)."""
     if kind == SHIFTED:
@@ -78,7 +84,7 @@ def _next_stack(kind, newest_code, n_envs, frame_stack):
     return True, 1, np.int64(kind == RESET_ZEROS)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_NO_DISK_CACHE)
 def _follow_in_store(kind, frames, env, state, block, arena, rows):
     """Make env's stack `frames` (K, F), which follows its newest as `kind` (not OTHER) says, its newest: whether
     done (False: the store's own append() must store its frame)."""
@@ -93,7 +99,7 @@ def _follow_in_store(kind, frames, env, state, block, arena, rows):
     return True
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(**_NO_DISK_CACHE)
 def _store_transition(latest, obs, next_obs, state, env, block, arena, rows):
     """Make env's stacks obs, then next_obs (n_envs, K, F) its newest, in its store (kernel_args block, arena, rows):
     how many of the two it stored, their kinds in state. The caller stores the rest: from the first stack to be
@@ -106,6 +112,19 @@ def _store_transition(latest, obs, next_obs, state, env, block, arena, rows):
     if next_kind == OTHER or not _follow_in_store(next_kind, next_obs[env], env, state, block, arena, rows):
         return 1
     return 2
+
+
+def _compile_kernels() -> None:
+    """Compile the kernels numba does not cache on disk, for the types FrameStreams calls them with, on a tiny
+    store: when the first buffer of a process is built rather than at its first add(), inside a timed run."""
+    if _store_transition.signatures:
+        return
+    store = make_frame_store("half", 4, (8,), 1, 1)
+    state = np.full((4, 1), -1, dtype=np.int64)
+    stacks = np.zeros((1, 2, 8), dtype=np.uint8)
+    _store_transition(stacks.copy(), stacks, stacks, state, 0, *store.kernel_args)
+    _follow_in_store(SHIFTED, stacks[0], 0, state, *store.kernel_args)
+    _next_stack(SHIFTED, state[_NEWEST, 0], 1, 2)
 
 
 def stack_layout(observation_space: spaces.Space, frame_stack: int, channels_last: Optional[bool],
@@ -138,6 +157,7 @@ class FrameStreams:
                  key_interval: int, anchor_interval: int, **full_options: Any):
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}: expected one of {COMPRESSIONS}")
+        _compile_kernels()
         self.layout, self.n_envs = layout, n_envs
         self.batch_shape = (n_envs, *layout.obs_shape)
         # the envs' stores are used one at a time: one set of encoder and decoder rows serves them all
@@ -206,16 +226,17 @@ class FrameStreams:
     def _finish_transition(self, env: int, stored: int, frames: tuple[np.ndarray, np.ndarray],
                            stacks: tuple[np.ndarray, np.ndarray]) -> None:
         """Store env's stacks of a transition that _store_transition left, from the `stored`-th on."""
-        for i in range(stored, 2):
-            self._follow(env, int(self.state[_OBS_KIND + i, env]), frames[i][env], stacks[i][env])
+        for i in range(stored, 2):  # the stored-th one the kernel could not store: not tried there again
+            self._follow(env, int(self.state[_OBS_KIND + i, env]), frames[i][env], stacks[i][env], i > stored)
             if i == 0:
                 self.state[_OBS_CODE, env] = self.state[_NEWEST, env]
 
-    def _follow(self, env: int, kind: int, frames: np.ndarray, stack: np.ndarray) -> None:
-        """Make env's stack `stack` (its frames (K, F)) its newest, stored as its kind (follow_stacks) says."""
+    def _follow(self, env: int, kind: int, frames: np.ndarray, stack: np.ndarray, kernel_first: bool = True) -> None:
+        """Make env's stack `stack` (its frames (K, F)) its newest, stored as its kind (follow_stacks) says: by the
+        kernel, or where it cannot (or not kernel_first) by the store's own append()."""
         if kind == OTHER:
             self.state[_NEWEST, env] = self._keep_whole(stack)  # nothing continues it
-        elif not _follow_in_store(kind, frames, env, self.state, *self.stores[env].kernel_args):
+        elif not (kernel_first and _follow_in_store(kind, frames, env, self.state, *self.stores[env].kernel_args)):
             episode_start, real, zero_padded = _next_stack(kind, self.state[_NEWEST, env], self.n_envs,
                                                            self.layout.frame_stack)
             self._append(env, frames[-1], episode_start, real, zero_padded)
@@ -348,7 +369,7 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
                              "(which also gets next_obs wrong at time-outs) is not supported")
         layout = stack_layout(observation_space, frame_stack, channels_last, type(self).__name__)
         steps_per_env = max(buffer_size // n_envs, 1)
-        self._streams = FrameStreams(layout, n_envs, 2 * steps_per_env + frame_stack, True, compression,
+        self._streams = FrameStreams(layout, n_envs, 2 * steps_per_env + frame_stack + _SPARE, True, compression,
                                      key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
         self.compression = compression
         self._plain_signature: Optional[tuple] = None  # (type, dtype, shape) of plain action, reward and done
@@ -370,10 +391,9 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
             signature = ()
         if signature != self._plain_signature or not _plain_infos(infos, self.n_envs):
             self._check_values(action, reward, done, infos, signature)
-        if self.full:
-            self._streams.drop(self.observations[self.pos], self.next_observations[self.pos])
-        # envs are independent streams: each env's obs is stored before its next_obs
         obs_codes, next_codes = self._streams.encode_transition(obs, next_obs)
+        if self.full:  # only now: an add that failed part-way leaves the slot's whole stacks in use
+            self._streams.drop(self.observations[self.pos], self.next_observations[self.pos])
         super().add(obs_codes[:, None], next_codes[:, None], action, reward, done, infos)
         # the oldest stored step changes only when the ring is full (its frames go back every few steps) or was empty
         if self.full and self.pos % _RELEASE_EVERY == 0 or self.pos == 1:
@@ -437,7 +457,7 @@ class CompressedRolloutBuffer(_StreamBytes, RolloutBuffer):
         # to frame_stack frames of the stack it continues (restart()). The envs' newest stacks are
         # decoded when checked rather than copied: copies would cost frame_stack frames per env, a large
         # share of a short rollout's frames.
-        self._streams = FrameStreams(layout, n_envs, buffer_size + frame_stack, False, compression,
+        self._streams = FrameStreams(layout, n_envs, buffer_size + frame_stack + _SPARE, False, compression,
                                      key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
         self.compression = compression
         super().__init__(buffer_size, observation_space, action_space, device, gae_lambda, gamma, n_envs)

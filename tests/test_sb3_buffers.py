@@ -363,27 +363,67 @@ def test_bad_add_raises_and_leaves_replay_unchanged():
     assert_same_replay_samples(ref, ours, 1, batch_size=30)
 
 
-def test_replay_keeps_exact_samples_after_an_add_failed_midway():
-    # A frame store failing (say, out of memory) after the stacks were compared must not leave the next
-    # add comparing against stacks whose frames were never stored.
-    envs = StackingEnvs(np.random.default_rng(4), 2, 3, (1, 5, 5), False, "zeros", p_done=0.1)
-    ref, ours = make_replay_pair(envs, 40)
+def assert_same_stored_observations(ref, ours):
+    n = ref.buffer_size if ref.full else ref.pos
+    for name in ("observations", "next_observations"):
+        want = getattr(ref, name)[:n]
+        np.testing.assert_array_equal(ours._streams.decode(getattr(ours, name)[:n]).reshape(want.shape), want)
+
+
+def failing_on_second_env():
+    """Patches _store_transition to store env 0's stacks, then raise (say, out of memory) with env 1's compared."""
     store_transition = sb3_buffers._store_transition
 
-    def fail_on_second_env(latest, obs, next_obs, state, env, *store):
+    def fail(latest, obs, next_obs, state, env, *store):
         if env == 0:
             return store_transition(latest, obs, next_obs, state, env, *store)
-        follow_transition(latest[env], obs[env], next_obs[env], state[0, env] >= 0)  # compared, nothing stored
+        follow_transition(latest[env], obs[env], next_obs[env], state[0, env] >= 0)
         raise MemoryError
 
-    for t, transition in enumerate(replay_transitions(envs, 30)):
-        if t == 10:
-            with mock.patch.object(sb3_buffers, "_store_transition", fail_on_second_env), pytest.raises(MemoryError):
+    return mock.patch.object(sb3_buffers, "_store_transition", fail)
+
+
+def random_transitions(rng, n_envs, frame_shape, steps):
+    """Transitions whose obs and next_obs are fresh frames (frame_stack 1): two new frames per env and step."""
+    for _ in range(steps):
+        obs, next_obs = rng.integers(0, 256, (2, n_envs, *frame_shape), dtype=np.uint8)
+        yield obs, next_obs, np.zeros(n_envs, np.int64), np.zeros(n_envs, np.float32), np.zeros(n_envs), \
+            [{} for _ in range(n_envs)]
+
+
+@pytest.mark.parametrize("compression", ["half", "full"])
+@pytest.mark.parametrize("case", ["newest stacks", "whole stacks", "ring room"])
+def test_replay_stays_exact_after_an_add_failed_midway(compression, case):
+    # An add that fails part-way (after some frames were stored) must leave no newest stack whose frames
+    # were not stored to compare the next add against, the stacks the overwritten slot kept whole in use,
+    # and room in each store's ring for every stored step's frames.
+    rng = np.random.default_rng(4)
+    if case == "ring room":  # the tightest ring: two new frames per env and step, frame_stack 1
+        space = spaces.Box(0, 255, (1, 4, 4), np.uint8)
+        ref, ours = (cls(8, space, spaces.Discrete(2), device="cpu", n_envs=2, **kwargs) for cls, kwargs in
+                     ((ReplayBuffer, {}), (CompressedReplayBuffer, dict(compression=compression, frame_stack=1,
+                                                                           anchor_interval=1))))
+        transitions, fail_at, failing = random_transitions(rng, 2, (1, 4, 4), 14), 10, failing_on_second_env()
+    else:
+        envs = StackingEnvs(rng, *((2, 3, (1, 5, 5), False, "zeros", 0.1) if case == "newest stacks" else
+                                   (1, 3, (1, 5, 5), False, "zeros", 0.1, 0.5)))
+        ref, ours = make_replay_pair(envs, 40 if case == "newest stacks" else 8, compression=compression)
+        transitions, fail_at = replay_transitions(envs, 40), 10 if case == "newest stacks" else 20
+        # the overwritten slot holds stacks kept whole; growing the pool of whole stacks fails
+        failing = failing_on_second_env() if case == "newest stacks" else \
+            mock.patch.object(sb3_buffers.FrameStreams, "_keep_whole", side_effect=MemoryError)
+    for t, transition in enumerate(transitions):
+        if t == fail_at:
+            with failing, pytest.raises(MemoryError):
                 ours.add(*transition)
             continue
         ref.add(*transition)
         ours.add(*transition)
-    assert_same_replay_samples(ref, ours, 5, batch_size=60)
+        n = ref.buffer_size if ref.full else ref.pos
+        for name in ("observations", "next_observations"):
+            want = getattr(ref, name)[:n]
+            np.testing.assert_array_equal(ours._streams.decode(getattr(ours, name)[:n]).reshape(want.shape), want)
+    assert_same_replay_samples(ref, ours, 5, batch_size=30)
 
 
 def test_replay_stays_exact_where_stores_finish_appends_in_python():
