@@ -116,15 +116,13 @@ def _store_transition(latest, obs, next_obs, state, env, block, arena, rows):
 
 def _compile_kernels() -> None:
     """Compile the kernels numba does not cache on disk, for the types FrameStreams calls them with, on a tiny
-    store: when the first buffer of a process is built rather than at its first add(), inside a timed run."""
+    store: when the first buffer of a process is built rather than at its first add(), inside a timed run.
+    _store_transition compiles the two it calls for the same types Python calls them with."""
     if _store_transition.signatures:
         return
     store = make_frame_store("half", 4, (8,), 1, 1)
-    state = np.full((4, 1), -1, dtype=np.int64)
     stacks = np.zeros((1, 2, 8), dtype=np.uint8)
-    _store_transition(stacks.copy(), stacks, stacks, state, 0, *store.kernel_args)
-    _follow_in_store(SHIFTED, stacks[0], 0, state, *store.kernel_args)
-    _next_stack(SHIFTED, state[_NEWEST, 0], 1, 2)
+    _store_transition(stacks.copy(), stacks, stacks, np.full((4, 1), -1, dtype=np.int64), 0, *store.kernel_args)
 
 
 def stack_layout(observation_space: spaces.Space, frame_stack: int, channels_last: Optional[bool],
@@ -311,9 +309,9 @@ class FrameStreams:
             self.stores[env].release(self.stores[env].count)
             if frames is None:
                 continue
-            _, real, zero_padded = self._unpack(code)
+            _, real, zero_padded = _code_parts(code, self.n_envs, self.layout.frame_stack)
             for i, frame in enumerate(frames[-real:]):
-                self._append(env, frame, i == 0, i + 1, int(zero_padded))
+                self._append(env, frame, i == 0, i + 1, zero_padded)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """The stacks (M, *obs_shape) of codes (M, ...)."""
