@@ -187,18 +187,36 @@ def reset_padding(frames: np.ndarray) -> Optional[str]:
     return {RESET_REPEAT: "repeat", RESET_ZEROS: "zeros"}.get(int(kind))
 
 
+@numba.njit(cache=True, nogil=True)
+def _stack_ids(newest, first, frame_stack):
+    """Frame ids (M, K) of the stacks ending at `newest` in streams starting at `first`, padding clamped to `first`."""
+    ids = np.empty((newest.shape[0], frame_stack), np.int64)
+    for m in range(newest.shape[0]):
+        for k in range(frame_stack):
+            ids[m, k] = max(newest[m] - (frame_stack - 1 - k), first[m])
+    return ids
+
+
+@numba.njit(cache=True, nogil=True)
+def _zero_padding(out, newest, first, zero_padded):
+    """Zero the padding frames (those before the stream's first) of the stacks of out (M, K, F) where zero_padded."""
+    frame_stack = out.shape[1]
+    for m in range(out.shape[0]):
+        if zero_padded[m]:
+            for k in range(frame_stack - 1 - (newest[m] - first[m])):
+                out[m, k, :] = 0
+
+
 def stack_ids(newest: np.ndarray, first: np.ndarray, frame_stack: int) -> np.ndarray:
     """Frame ids (M, K) of the stacks ending at `newest` in streams starting at `first`, padding clamped to `first`."""
-    back = np.arange(frame_stack - 1, -1, -1)
-    return np.maximum(newest[:, None] - back, first[:, None])
+    return _stack_ids(np.asarray(newest, dtype=np.int64), np.asarray(first, dtype=np.int64), frame_stack)
 
 
 def decode_stacks(store: FrameStore, newest: np.ndarray, first: np.ndarray, out: np.ndarray,
                   zero_padded: Optional[np.ndarray] = None) -> None:
     """Write the stacks (newest, first) of `store` into out (M, K, frame_size); padding repeats the first frame, or is zeros where zero_padded."""
-    frame_stack = out.shape[1]
+    newest, first = np.asarray(newest, dtype=np.int64), np.asarray(first, dtype=np.int64)
     # One decode call for the whole batch: the store shares the work of frames that stacks have in common.
-    store.decode(stack_ids(newest, first, frame_stack).reshape(-1), out.reshape(-1, out.shape[2]))
-    if zero_padded is not None and zero_padded.any():
-        padding = np.arange(frame_stack - 1, -1, -1) > (newest - first)[:, None]
-        out[padding & zero_padded[:, None]] = 0
+    store.decode(_stack_ids(newest, first, out.shape[1]).reshape(-1), out.reshape(-1, out.shape[2]))
+    if zero_padded is not None:
+        _zero_padding(out, newest, first, np.asarray(zero_padded, dtype=np.bool_))

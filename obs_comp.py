@@ -46,6 +46,7 @@ import zstandard
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.cpython.unsafe.numbers import leading_zeros, trailing_zeros
 from numba.extending import intrinsic
 
 _RAW, _RUNS, _ZPREV, _ZINTRA = 0, 1, 2, 3  # how a `full` frame's payload encodes it (module docstring)
@@ -65,6 +66,7 @@ _CACHE = 8  # frames a decode walk remembers as references for the frames after 
 _IN_OUT, _IN_WORK, _IN_ARENA = 0, 1, 2  # where a decode walk finds a decoded frame
 _PATCH = 32  # bytes a short run is copied as (_patch)
 _UINT8 = np.dtype(np.uint8)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _WORK_ROWS = 2  # frames a decode walk can hold besides the requested ones: a reference and the next
 _PAGE = mmap.PAGESIZE
 _RELEASE_CHUNK = 1 << 16  # pages go back to the OS in steps of at least this many bytes
@@ -202,22 +204,13 @@ def _encode_runs(frame, ref, headers, values):
     # `values`; skips and lengths over 255 continue in extra pairs. Returns (pairs, value bytes),
     # or (-1, -1) as soon as the encoding would not be smaller than the raw frame.
     size = frame.shape[0]
-    # equal stretches are skipped a word at a time, where both frames' words are 8-byte aligned
-    span = size - size % 8 if frame.ctypes.data % 8 == 0 and ref.ctypes.data % 8 == 0 else 0
-    frame_words, ref_words = frame[:span].view(np.uint64), ref[:span].view(np.uint64)
     pairs = 0
     used = 0
     end = 0  # where the previous run ended
     i = 0
     while i < size:
-        if frame[i] == ref[i]:
-            if i % 8:
-                i += 1
-                continue
-            while i + 8 <= span and frame_words[i // 8] == ref_words[i // 8]:  # most bytes are unchanged
-                i += 8
-            if i < size and frame[i] == ref[i]:
-                i += 1
+        if frame[i] == ref[i]:  # most bytes are unchanged
+            i = _first_difference(frame, ref, i)
             continue
         j = i + 1
         while j < size:
@@ -253,6 +246,32 @@ def _encode_runs(frame, ref, headers, values):
         end = j
         i = j
     return pairs, used
+
+
+@intrinsic
+def _word(typingctx, array, at):
+    """The 8 bytes array[at:at + 8] of a uint8 array as one uint64, whatever their alignment."""
+    signature = types.uint64(array, types.intp)
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.load(builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(64).as_pointer()), align=1)
+
+    return signature, codegen
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def _first_difference(a, b, i):
+    """The first index from i on where uint8 arrays a and b (of one size) differ, or their size; 8 bytes at a time."""
+    size = a.shape[0]
+    while i + 8 <= size:
+        diff = _word(a, i) ^ _word(b, i)
+        if diff:  # the first byte in memory is the lowest on little-endian machines, the highest otherwise
+            return i + (trailing_zeros(diff) if _LITTLE_ENDIAN else leading_zeros(diff)) // 8
+        i += 8
+    while i < size and a[i] == b[i]:
+        i += 1
+    return i
 
 
 @intrinsic
@@ -372,17 +391,23 @@ def _place_payload(first, second, kind, param, dist, state, offsets, kinds, para
 
 
 @numba.njit(cache=True, nogil=True)
-def _frame_stored(frame, episode_pos, in_span, in_group, state, refs):
-    """Count the frame just placed, and keep it as the reference it is (an anchor, a key, and with entropy
-    coding the previous frame)."""
+def _frame_stored(frame, episode_pos, in_group, state, refs):
+    """Count the frame just placed, and keep a copy of it as the reference it is: a key (anchors are keys too), and
+    with entropy coding the previous frame. (An anchor is read from its raw payload, which stays in the arena as
+    long as frames are appended to its span: _live_payload.)"""
     state[_COUNT] += 1
     state[_EPISODE_POS] = episode_pos
-    if in_span == 0:
-        refs[0, :frame.size] = frame
     if in_group == 0:
+        refs[0, :frame.size] = frame
+    if refs.shape[0] > 1:
         refs[1, :frame.size] = frame
-    if refs.shape[0] > 2:
-        refs[2, :frame.size] = frame
+
+
+@numba.njit(cache=True, nogil=True)
+def _anchor_payload(state, offsets, arena, size, in_span):
+    """The raw payload of the anchor of the next frame, `in_span` (> 0) frames into its anchor's span."""
+    at = offsets[(state[_COUNT] - in_span) % offsets.shape[0]]
+    return arena[at:at + size]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -440,7 +465,8 @@ def _append_diff(frame, episode_start, block, arena, run_rows):
     if in_span == 0:
         _place_payload(frame, frame[:0], _RAW, frame.size, 0, *index)
     else:
-        runs, used = _encode_runs(frame, refs[1 if in_group else 0, :frame.size], headers, values)
+        ref = refs[0, :frame.size] if in_group else _anchor_payload(state, offsets, arena, frame.size, in_span)
+        runs, used = _encode_runs(frame, ref, headers, values)
         cost = frame.size if runs < 0 else 2 * runs + used
         if cost >= state[_ENTROPY_FROM]:
             return _TRY_ENTROPY
@@ -448,7 +474,7 @@ def _append_diff(frame, episode_start, block, arena, run_rows):
             _place_payload(frame, frame[:0], _RAW, frame.size, dist, *index)
         else:
             _place_payload(headers[:2 * runs], values[:used], _RUNS, runs, dist, *index)
-    _frame_stored(frame, episode_pos, in_span, in_group, state, refs)
+    _frame_stored(frame, episode_pos, in_group, state, refs)
     return state[_COUNT] - 1
 
 
@@ -704,20 +730,21 @@ class DiffScratch:
         self.runs = np.empty((2, frame_size), dtype=np.uint8)  # a frame's byte runs: headers, values
         self.headers, self.values = self.runs
         self.transformed = np.empty(0, dtype=np.uint8)  # a frame before zstd: allocated by the first entropy coding
-        # per decode thread: a zstd context, work rows, and rows of decompressed payloads grown on demand
-        self.decoders = [(zstandard.ZstdDecompressor(), np.empty(_WORK_ROWS * frame_size, dtype=np.uint8),
-                          [np.empty(0, dtype=np.uint8)]) for _ in range(decode_threads)]
+        # per decode thread: a zstd context, then its work rows and rows of decompressed payloads, allocated by its
+        # first entropy decode (stores that hold no entropy-coded frame never need them)
+        self.decoders = [(zstandard.ZstdDecompressor(), [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)])
+                         for _ in range(decode_threads)]
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="frame-decode") if decode_threads > 1 else None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every row: fixed, but for the decompressed payloads of the largest batch so far."""
+        """Bytes of every row: the encoder's, and the decoders' once they decoded entropy-coded frames."""
         return self.runs.nbytes + self.transformed.nbytes + self.decode_nbytes
 
     @property
     def decode_nbytes(self) -> int:
-        """Bytes of the decoders' rows: work rows and the decompressed payloads of the largest batch so far."""
-        return sum(work.nbytes + rows[0].nbytes for _, work, rows in self.decoders)
+        """Bytes of the decoders' rows: work rows and the decompressed payloads of the largest entropy-coded batch so far."""
+        return sum(work.nbytes + payloads.nbytes for _, (work, payloads) in self.decoders)
 
     def transform_row(self) -> np.ndarray:
         """The row for a frame before zstd."""
@@ -759,14 +786,14 @@ class DiffFrames:
         # A frame's references reach back at most anchor_interval - 1 frames, so that many extra
         # slots keep every reference of the newest `capacity` frames decodable.
         self._slots = capacity + anchor_interval - 1
-        # One block for the kernels: state, references (the span's anchor, the group's key and, kept only for
-        # entropy coding, the last frame; rows on 8-byte boundaries as _encode_runs compares words), then per
+        # One block for the kernels: state, references (copies of the group's key and, kept only for entropy
+        # coding, of the last frame; the span's anchor is read from the arena), then per
         # slot its payload's offset in bytes, its kind (_RAW, _RUNS, _ZPREV or _ZINTRA), its param (_RUNS:
         # (skip, length) pairs; _Z*: payload bytes) and frames back to its run reference (0: anchor).
-        self._block = _new_block(_DIFF_STORE, self._slots, -(-self.frame_size // 8) * 8, 3 if entropy else 2)
+        self._block = _new_block(_DIFF_STORE, self._slots, -(-self.frame_size // 8) * 8, 2 if entropy else 1)
         self._state, self._refs, self._offsets, self._kinds, self._params, self._ref_dist = _block_views(self._block)
-        self._anchor, self._key = self._refs[:2, :self.frame_size]
-        self._previous = self._refs[2, :self.frame_size] if entropy else np.zeros(0, dtype=np.uint8)
+        self._key = self._refs[0, :self.frame_size]
+        self._previous = self._refs[1, :self.frame_size] if entropy else np.zeros(0, dtype=np.uint8)
         # Worst case, every held frame is raw. One frame more covers the end skipped when the head
         # wraps, one the payload being placed, and a release chunk the pages not yet handed back
         # behind the tail: the head then never reaches the tail nor a page about to be released.
@@ -827,7 +854,9 @@ class DiffFrames:
         """Store the next frame as entropy-coded differences if they save min_entropy_saving bytes on its runs; its id."""
         episode_pos, in_span, in_group, dist = _span_position(self._state, episode_start)
         headers, values = self._scratch.headers, self._scratch.values
-        runs, used = _encode_runs(frame, self._key if in_group else self._anchor, headers, values)
+        ref = self._key if in_group else _anchor_payload(self._state, self._offsets, self._arena, self.frame_size,
+                                                         in_span)
+        runs, used = _encode_runs(frame, ref, headers, values)
         kind, payload, param = (_RUNS, (headers[:2 * runs], values[:used]), runs) if runs >= 0 \
             else (_RAW, (frame, frame[:0]), self.frame_size)
         # keys stay a short walk from the anchor: they are coded alone, the others against the previous frame
@@ -839,7 +868,7 @@ class DiffFrames:
                 len(blob)
         index = (self._state, self._offsets, self._kinds, self._params, self._ref_dist, self._arena)
         _place_payload(*payload, kind, param, dist, *index)
-        _frame_stored(frame, episode_pos, in_span, in_group, self._state, self._refs)
+        _frame_stored(frame, episode_pos, in_group, self._state, self._refs)
         return int(self._state[_COUNT]) - 1
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
@@ -889,7 +918,7 @@ class DiffFrames:
                 "counters": np.array([count, episode_pos, first, first_needed], dtype=np.int64),
                 "payload_start": parts[0], "payload_end": parts[1], "offsets": offsets, "kinds": self._kinds[slots],
                 "params": self._params[slots], "ref_dist": self._ref_dist[slots],
-                "anchor": self._anchor, "key": self._key, "previous": self._previous}
+                "key": self._key, "previous": self._previous}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore what state_dict saved into a store of the same configuration; ValueError leaves it unchanged."""
@@ -901,7 +930,7 @@ class DiffFrames:
         live = len(state["payload_start"]) + len(state["payload_end"])
         expected = {"payload_start": (None, np.uint8), "payload_end": (None, np.uint8), "offsets": (held, np.int64),
                     "kinds": (held, np.uint8), "params": (held, np.int32), "ref_dist": (held, np.int32),
-                    "anchor": (self.frame_size, np.uint8), "key": (self.frame_size, np.uint8),
+                    "key": (self.frame_size, np.uint8),
                     # entropy coding continues from the last frame, which stores without it do not keep
                     "previous": (self.frame_size if self.entropy else None, np.uint8)}
         for name, (length, dtype) in expected.items():
@@ -921,7 +950,7 @@ class DiffFrames:
         self._kinds[:] = _RAW  # slots of frames not saved hold nothing to count or decode
         for name in ("offsets", "kinds", "params", "ref_dist"):
             getattr(self, "_" + name)[slots] = state[name]
-        self._anchor[:], self._key[:] = state["anchor"], state["key"]
+        self._key[:] = state["key"]
         if self.entropy:
             self._previous[:] = state["previous"]
         self._state[:_KEY_INTERVAL] = 0
@@ -942,19 +971,21 @@ class DiffFrames:
 
     def _decode_entropy(self, ids: np.ndarray, order: np.ndarray, flat: np.ndarray, decoder: tuple) -> None:
         """Decode ids[order] (sorted, some entropy-coded) into `flat` with one thread's zstd context and scratch."""
-        decompressor, work, rows = decoder
+        decompressor, rows = decoder  # rows: [work rows, decompressed payloads]
+        if rows[0].size == 0:
+            rows[0] = np.empty(_WORK_ROWS * self.frame_size, dtype=np.uint8)
         max_chain = self.key_interval + 2
         jobs = np.empty((len(order) * max_chain, 2), dtype=np.int64)
         args = (ids, order, self._slots, self._offsets, self._kinds, self._params, self._ref_dist, self._arena,
-                self.frame_size, self._layout, max_chain, flat, work)
-        count = _walk(*args, rows[0], jobs, True)
-        if rows[0].size < count * self.frame_size:
-            rows[0] = np.empty(count * self.frame_size, dtype=np.uint8)
-        arena, size = self._arena, self.frame_size
+                self.frame_size, self._layout, max_chain, flat, rows[0])
+        count = _walk(*args, rows[1], jobs, True)
+        if rows[1].size < count * self.frame_size:
+            rows[1] = np.empty(count * self.frame_size, dtype=np.uint8)
+        payloads, size = rows[1], self.frame_size
         for j, (offset, length) in enumerate(jobs[:count].tolist()):  # zstd releases the GIL while it works
-            rows[0][j * size:(j + 1) * size] = np.frombuffer(decompressor.decompress(arena[offset:offset + length]),
-                                                            dtype=np.uint8)
-        _walk(*args, rows[0], jobs, False)
+            payloads[j * size:(j + 1) * size] = np.frombuffer(
+                decompressor.decompress(self._arena[offset:offset + length]), dtype=np.uint8)
+        _walk(*args, payloads, jobs, False)
 
     def _config(self) -> list[int]:
         return [self.capacity, self.frame_size, self.key_interval, self.anchor_interval]

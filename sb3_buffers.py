@@ -26,6 +26,7 @@ _RELEASE_EVERY steps), and their memory goes back (obs_comp).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -73,6 +74,20 @@ def _code_parts(code, n_envs, frame_stack):
     rest, zero_padded = divmod(code, 2)
     rest, older_real = divmod(rest, frame_stack)
     return rest // n_envs, older_real + 1, zero_padded
+
+
+@numba.njit(cache=True, nogil=True)
+def _parse_codes(codes, n_envs, frame_stack):
+    """(newest frame id, first real frame id, zero padded, env; env -1 for stacks kept whole) of each code."""
+    n = codes.shape[0]
+    newest, first, env = np.zeros(n, np.int64), np.zeros(n, np.int64), np.full(n, -1, np.int64)
+    zero_padded = np.zeros(n, np.bool_)
+    for i in range(n):
+        if codes[i] >= 0:
+            newest[i], real, zero_padded[i] = _code_parts(codes[i], n_envs, frame_stack)
+            first[i] = newest[i] - real + 1
+            env[i] = codes[i] // (2 * frame_stack) % n_envs
+    return newest, first, zero_padded, env
 
 
 @numba.njit(**_NO_DISK_CACHE)
@@ -162,8 +177,9 @@ class FrameStreams:
         self.scratch = DiffScratch(layout.frame_size, full_options.get("decode_threads", 1)) \
             if compression == "full" else None
         shared = {} if self.scratch is None else {"scratch": self.scratch}
-        self.stores = [make_frame_store(compression, frames_per_env, layout.frame_shape, key_interval,
-                                        anchor_interval, **full_options, **shared) for _ in range(n_envs)]
+        self.new_store = functools.partial(make_frame_store, compression, frames_per_env, layout.frame_shape,
+                                           key_interval, anchor_interval, **full_options, **shared)
+        self.stores = [self.new_store() for _ in range(n_envs)]
         self.state = np.zeros((4, n_envs), dtype=np.int64)  # _NEWEST, _OBS_CODE, ... per env
         self.state[_NEWEST] = -1
         # a copy of each env's newest stack saves decoding it at every add, for frame_stack frames per env
@@ -296,17 +312,20 @@ class FrameStreams:
             self.stores[env].release(self.stores[env].count)
 
     def restart(self) -> None:
-        """No step is stored: each env's newest stack becomes a new stream of its real frames, and older frames go.
+        """No step is stored: each env's newest stack becomes a new stream of its real frames, in a new store.
 
         A rollout buffer starts each rollout this way: its first stack usually continues the newest one,
         whose frames would otherwise keep their whole chain of references (back to an anchor frame up to
-        anchor_interval frames earlier) resident for another rollout.
+        anchor_interval frames earlier) resident for another rollout. A new store also gives back every page
+        of the old one: release() hands pages back in chunks, which would leave up to a chunk per env
+        resident, as much as a short rollout's frames.
         """
         self.drop_all()
         for env in range(self.n_envs):
             code = int(self.state[_NEWEST, env])
             frames = None if code < 0 else self._stack_frames(env, code)
-            self.stores[env].release(self.stores[env].count)
+            self.stores[env] = self.new_store()
+            self.state[_NEWEST, env] = -1
             if frames is None:
                 continue
             _, real, zero_padded = _code_parts(code, self.n_envs, self.layout.frame_stack)
@@ -315,23 +334,19 @@ class FrameStreams:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """The stacks (M, *obs_shape) of codes (M, ...)."""
-        codes = codes.reshape(-1)
+        codes = np.ascontiguousarray(codes, dtype=np.int64).reshape(-1)
         frames = np.empty((len(codes), self.layout.frame_stack, self.layout.frame_size), dtype=np.uint8)
-        whole = codes < 0
-        stored = np.flatnonzero(~whole)
-        rest, zero_padded = np.divmod(codes[stored], 2)
-        rest, older_real = np.divmod(rest, self.layout.frame_stack)  # real frames before the newest
-        newest, env = np.divmod(rest, self.n_envs)
-        first = newest - older_real
-        if len(stored) == len(codes) and self.n_envs == 1:
-            decode_stacks(self.stores[0], newest, first, frames, zero_padded.astype(bool))
+        newest, first, zero_padded, env = _parse_codes(codes, self.n_envs, self.layout.frame_stack)
+        if self.n_envs == 1 and env.min() == 0:  # one store, no stack kept whole: one call, no copies
+            decode_stacks(self.stores[0], newest, first, frames, zero_padded)
         else:
-            for e in np.unique(env):
+            for e in np.unique(env[env >= 0]):
                 rows = env == e
                 part = np.empty((int(rows.sum()), *frames.shape[1:]), dtype=np.uint8)
-                decode_stacks(self.stores[e], newest[rows], first[rows], part, zero_padded[rows].astype(bool))
-                frames[stored[rows]] = part
+                decode_stacks(self.stores[e], newest[rows], first[rows], part, zero_padded[rows])
+                frames[rows] = part
         stacks = self.layout.stacks(frames)
+        whole = env < 0
         if whole.any():
             stacks[whole] = self.whole[-1 - codes[whole]].reshape(-1, *self.layout.obs_shape)
         return stacks
@@ -372,6 +387,7 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
         self.compression = compression
         self._plain_signature: Optional[tuple] = None  # (type, dtype, shape) of plain action, reward and done
         self._decoded: Optional[tuple[np.ndarray, np.ndarray]] = None  # (codes, stacks) while _get_samples runs
+        self._fresh: Optional[list[np.ndarray]] = None  # observations decoded for the batch _get_samples is making
         # SB3 builds (and checks free RAM for) observation arrays of the space it is given: codes.
         super().__init__(buffer_size, _CODE_SPACE, action_space, device, n_envs, False, handle_timeout_termination)
         self.observation_space = observation_space
@@ -424,23 +440,36 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
     def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> ReplayBufferSamples:
         """SB3's batch; with one env, the observations and next observations it will index are decoded together
         (they share frames)."""
+        self._fresh = []
         if self.n_envs == 1:  # every sampled step is env 0's
             codes = np.concatenate([self.observations[batch_inds, 0], self.next_observations[batch_inds, 0]])
             self._decoded = codes, self._streams.decode(codes)
         try:
             return super()._get_samples(batch_inds, env)
         finally:
-            self._decoded = None
+            self._decoded, self._fresh = None, None
 
     def _normalize_obs(self, obs: np.ndarray, env: Optional[VecNormalize] = None) -> np.ndarray:
         """SB3's _get_samples passes the observations it indexed through here: the stacks of those codes (decoded
         ahead by _get_samples where it foresaw them), normalized as SB3 does."""
+        decoded = None
         if self._decoded is not None:
             codes, stacks = self._decoded
             for part in (slice(0, len(obs)), slice(len(obs), None)):
                 if np.array_equal(codes[part], obs):
-                    return super()._normalize_obs(stacks[part], env)
-        return super()._normalize_obs(self._streams.decode(obs), env)
+                    decoded = stacks[part]
+                    break
+        if decoded is None:
+            decoded = self._streams.decode(obs)
+        normalized = super()._normalize_obs(decoded, env)
+        if self._fresh is not None and normalized is decoded:
+            self._fresh.append(decoded)
+        return normalized
+
+    def to_torch(self, array: np.ndarray, copy: bool = True) -> th.Tensor:
+        """SB3's to_torch; observations decoded for the batch being made are arrays nothing else holds, and become
+        tensors without another copy."""
+        return super().to_torch(array, copy and not (self._fresh and any(array is a for a in self._fresh)))
 
 
 class CompressedRolloutBuffer(_StreamBytes, RolloutBuffer):
@@ -497,7 +526,9 @@ class CompressedRolloutBuffer(_StreamBytes, RolloutBuffer):
     def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> RolloutBufferSamples:
         """SB3's minibatch, its observations decoded from the codes SB3 indexed."""
         samples = super()._get_samples(batch_inds, env)
-        return samples._replace(observations=self.to_torch(self._streams.decode(self.observations[batch_inds])))
+        # decoded into a new array that nothing else holds: it becomes the tensor without another copy
+        return samples._replace(observations=self.to_torch(self._streams.decode(self.observations[batch_inds]),
+                                                           copy=False))
 
 
 def _check_per_env(buffer: Any, **values: tuple[Any, Optional[int]]) -> None:

@@ -354,15 +354,17 @@ def segment_frames(draw):
 
 
 @settings(max_examples=300, deadline=None)
-@given(pair=segment_frames())
-def test_full_run_encoding_roundtrips_and_has_the_documented_size(pair):
+@given(pair=segment_frames(), earlier=st.integers(0, 3))
+def test_full_run_encoding_roundtrips_and_has_the_documented_size(pair, earlier):
     ref, frame = pair
-    store = DiffFrames(2, (1, 1, ref.size), key_interval=1, anchor_interval=2, entropy=False)
+    store = DiffFrames(2 + earlier, (1, 1, ref.size), key_interval=1, anchor_interval=2, entropy=False)
+    for _ in range(earlier):  # one-frame episodes before: the anchor `ref` lies at any alignment in the arena
+        store.append(frame, episode_start=True)
     store.append(ref, episode_start=True)
     before = store.payload_bytes
     store.append(frame, episode_start=False)
     out = np.empty((2, ref.size), dtype=np.uint8)
-    store.decode(np.array([1, 0]), out)
+    store.decode(np.array([earlier + 1, earlier]), out)
     np.testing.assert_array_equal(out, np.stack([frame, ref]))
     # stored as runs when that is smaller than the frame, raw otherwise
     assert store.payload_bytes - before == min(naive_encoded_size(frame, ref), ref.size) or (

@@ -1,5 +1,6 @@
 """sb3_buffers against stable-baselines3's own buffers: the same add() calls and seed give byte-identical batches."""
 import contextlib
+import mmap
 import pickle
 from unittest import mock
 
@@ -165,6 +166,15 @@ def make_replay_pair(envs, buffer_size, handle_timeout_termination=True, **kwarg
     return ref, ours
 
 
+def filled_replay_pair(envs, buffer_size, steps):
+    """make_replay_pair's buffers, both given the same `steps` transitions of envs."""
+    ref, ours = make_replay_pair(envs, buffer_size)
+    for transition in replay_transitions(envs, steps):
+        ref.add(*transition)
+        ours.add(*transition)
+    return ref, ours
+
+
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**31), n_envs=st.integers(1, 3), frame_stack=st.integers(1, 4),
        channels=st.sampled_from([1, 2]), channels_last=st.booleans(), padding=st.sampled_from(["zeros", "repeat"]),
@@ -238,25 +248,50 @@ def test_rollout_batches_equal_sb3s(seed, n_envs, frame_stack, channels_last, pa
         assert all(store.count - store.released <= n_steps + frame_stack for store in stores)
 
 
-def test_rollouts_do_not_keep_earlier_rollouts_frames():
-    # Anchors far apart: a stack continued into the next rollout would keep its whole chain of
-    # references resident (back to its anchor), unless the rollout restarts the stream.
-    rng = np.random.default_rng(0)
+def rollouts_measured(seed, p_done, rollouts, measure, **kwargs):
+    """measure(buffer) after each of `rollouts` rollouts of 2 envs x 16 steps of 24x24 frames into one buffer."""
     n_envs, n_steps = 2, 16
-    envs = StackingEnvs(rng, n_envs, 4, (1, 24, 24), False, "zeros", p_done=0.0)
+    envs = StackingEnvs(np.random.default_rng(seed), n_envs, 4, (1, 24, 24), False, "zeros", p_done=p_done)
     buffer = CompressedRolloutBuffer(n_steps, envs.observation_space, envs.action_space, device="cpu",
-                                     n_envs=n_envs, compression="full", anchor_interval=1000)
-    obs, payload = envs.observe(envs.stacks), []
-    for _ in range(6):
+                                     n_envs=n_envs, **kwargs)
+    obs, measured = envs.observe(envs.stacks), []
+    for _ in range(rollouts):
         buffer.reset()
         for _ in range(n_steps):
             buffer.add(obs, np.zeros((n_envs, 1)), np.zeros(n_envs, np.float32), np.zeros(n_envs, np.float32),
                        torch.zeros(n_envs, 1), torch.zeros(n_envs))
             obs = envs.step()[0]
-        payload.append(sum(store.payload_bytes for store in buffer._streams.stores))
-    frame_bytes = 24 * 24
-    assert max(payload[1:]) <= n_envs * (n_steps + 4) * frame_bytes  # one rollout and the stack it continues
+        measured.append(measure(buffer))
+    return measured
+
+
+def test_rollouts_do_not_keep_earlier_rollouts_frames():
+    # Anchors far apart: a stack continued into the next rollout would keep its whole chain of
+    # references resident (back to its anchor), unless the rollout restarts the stream.
+    payload = rollouts_measured(0, 0.0, 6, lambda buffer: sum(store.payload_bytes for store in buffer._streams.stores),
+                                compression="full", anchor_interval=1000)
+    assert max(payload[1:]) <= 2 * (16 + 4) * 24 * 24  # per env, one rollout and the stack it continues
     assert max(payload[1:]) < 2 * min(payload)
+
+
+@pytest.mark.parametrize("compression", ["half", "full"])
+def test_rollouts_hand_back_every_page_of_earlier_rollouts(compression):
+    # A rollout's frames are far fewer than a release chunk: every page the last rollout wrote must still go back.
+    resident = rollouts_measured(1, 0.1, 8, lambda buffer: buffer._streams.content_nbytes, compression=compression)
+    # per env: at most this rollout's frames and the stack it continued, their index entries, a page at either end
+    assert max(resident) <= 2 * ((16 + 4) * (24 * 24 + 17) + 2 * mmap.PAGESIZE), resident
+
+
+def test_sampled_observations_are_not_tied_to_the_buffer():
+    # Samples hand their decoded arrays to torch without a copy: changing one batch must change nothing stored.
+    envs = StackingEnvs(np.random.default_rng(5), 1, 4, (1, 8, 8), False, "zeros", p_done=0.1)
+    ref, ours = filled_replay_pair(envs, 40, 60)
+    for seed in range(3):
+        np.random.seed(seed)
+        batch = ours.sample(16)
+        batch.observations.add_(1)
+        batch.next_observations.zero_()
+        assert_same_replay_samples(ref, ours, seed, 16)
 
 
 def atari_envs(wrapping, n_envs=2, seed=0):
@@ -351,10 +386,7 @@ def bad_inputs(envs):
 
 def test_bad_add_raises_and_leaves_replay_unchanged():
     envs = StackingEnvs(np.random.default_rng(2), 2, 3, (1, 5, 5), False, "zeros", p_done=0.2, odd=0.05)
-    ref, ours = make_replay_pair(envs, 10)
-    for transition in replay_transitions(envs, 15):
-        ref.add(*transition)
-        ours.add(*transition)
+    ref, ours = filled_replay_pair(envs, 10, 15)
     before = pickle.dumps(ours)
     for message, args in bad_inputs(envs):
         with pytest.raises(ValueError, match=message):
@@ -509,10 +541,7 @@ class ScalingNormalizer:
 
 def test_samples_normalized_by_an_env_equal_sb3s():
     envs = StackingEnvs(np.random.default_rng(4), 2, 4, (1, 6, 6), False, "zeros", p_done=0.1)
-    ref, ours = make_replay_pair(envs, 30)
-    for transition in replay_transitions(envs, 50):
-        ref.add(*transition)
-        ours.add(*transition)
+    ref, ours = filled_replay_pair(envs, 30, 50)
     np.random.seed(7)
     want = ref.sample(40, env=ScalingNormalizer())
     np.random.seed(7)
