@@ -337,7 +337,7 @@ class FrameStreams:
         codes = np.ascontiguousarray(codes, dtype=np.int64).reshape(-1)
         frames = np.empty((len(codes), self.layout.frame_stack, self.layout.frame_size), dtype=np.uint8)
         newest, first, zero_padded, env = _parse_codes(codes, self.n_envs, self.layout.frame_stack)
-        if self.n_envs == 1 and env.min() == 0:  # one store, no stack kept whole: one call, no copies
+        if self.n_envs == 1 and (env == 0).all():  # one store, no stack kept whole: one call, no copies
             decode_stacks(self.stores[0], newest, first, frames, zero_padded)
         else:
             for e in np.unique(env[env >= 0]):
@@ -386,7 +386,8 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
                                      key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
         self.compression = compression
         self._plain_signature: Optional[tuple] = None  # (type, dtype, shape) of plain action, reward and done
-        self._decoded: Optional[tuple[np.ndarray, np.ndarray]] = None  # (codes, stacks) while _get_samples runs
+        # while _get_samples runs: codes and stacks decoded ahead, and the halves of them not handed out yet
+        self._decoded: Optional[tuple[np.ndarray, np.ndarray, list[slice]]] = None
         self._fresh: Optional[list[np.ndarray]] = None  # observations decoded for the batch _get_samples is making
         # SB3 builds (and checks free RAM for) observation arrays of the space it is given: codes.
         super().__init__(buffer_size, _CODE_SPACE, action_space, device, n_envs, False, handle_timeout_termination)
@@ -443,7 +444,8 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
         self._fresh = []
         if self.n_envs == 1:  # every sampled step is env 0's
             codes = np.concatenate([self.observations[batch_inds, 0], self.next_observations[batch_inds, 0]])
-            self._decoded = codes, self._streams.decode(codes)
+            halves = [slice(0, len(batch_inds)), slice(len(batch_inds), None)]
+            self._decoded = codes, self._streams.decode(codes), halves
         try:
             return super()._get_samples(batch_inds, env)
         finally:
@@ -454,10 +456,11 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
         ahead by _get_samples where it foresaw them), normalized as SB3 does."""
         decoded = None
         if self._decoded is not None:
-            codes, stacks = self._decoded
-            for part in (slice(0, len(obs)), slice(len(obs), None)):
-                if np.array_equal(codes[part], obs):
+            codes, stacks, parts = self._decoded
+            for part in parts:
+                if np.array_equal(codes[part], obs):  # each half once: two tensors never share memory
                     decoded = stacks[part]
+                    parts.remove(part)
                     break
         if decoded is None:
             decoded = self._streams.decode(obs)

@@ -282,6 +282,25 @@ def test_rollouts_hand_back_every_page_of_earlier_rollouts(compression):
     assert max(resident) <= 2 * ((16 + 4) * (24 * 24 + 17) + 2 * mmap.PAGESIZE), resident
 
 
+def test_samples_of_steps_whose_stack_did_not_change_do_not_share_memory():
+    # next_obs equal to obs (not shifted) reuses obs's code: the two tensors must still be independent, as SB3's are
+    rng = np.random.default_rng(6)
+    space = spaces.Box(0, 255, (4, 6, 6), np.uint8)
+    ref = ReplayBuffer(8, space, spaces.Discrete(N_ACTIONS), device="cpu")
+    ours = CompressedReplayBuffer(8, space, spaces.Discrete(N_ACTIONS), device="cpu")
+    for step in range(5):
+        obs = rng.integers(0, 256, (1, 4, 6, 6), dtype=np.uint8)
+        for buffer in (ref, ours):
+            buffer.add(obs, obs.copy(), np.array([step % N_ACTIONS]), np.zeros(1, np.float32), np.zeros(1), [{}])
+    for batch_size in (0, 1, 3):
+        assert_same_replay_samples(ref, ours, batch_size, batch_size)
+        np.random.seed(batch_size)
+        got = ours.sample(batch_size)
+        got.observations.add_(1)
+        np.random.seed(batch_size)
+        assert torch.equal(got.next_observations, ref.sample(batch_size).next_observations)
+
+
 def test_sampled_observations_are_not_tied_to_the_buffer():
     # Samples hand their decoded arrays to torch without a copy: changing one batch must change nothing stored.
     envs = StackingEnvs(np.random.default_rng(5), 1, 4, (1, 8, 8), False, "zeros", p_done=0.1)
