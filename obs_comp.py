@@ -392,14 +392,13 @@ def _place_payload(first, second, kind, param, dist, state, offsets, kinds, para
 
 @numba.njit(cache=True, nogil=True)
 def _frame_stored(frame, episode_pos, in_group, state, refs):
-    """Count the frame just placed, and keep a copy of it as the reference it is: a key (anchors are keys too), and
-    with entropy coding the previous frame. (An anchor is read from its raw payload, which stays in the arena as
-    long as frames are appended to its span: _live_payload.)"""
+    """Count the frame just placed; stores with entropy coding keep a copy of it as the reference it is: a key
+    (anchors are keys too), and the previous frame."""
     state[_COUNT] += 1
     state[_EPISODE_POS] = episode_pos
-    if in_group == 0:
-        refs[0, :frame.size] = frame
-    if refs.shape[0] > 1:
+    if refs.shape[0]:
+        if in_group == 0:
+            refs[0, :frame.size] = frame
         refs[1, :frame.size] = frame
 
 
@@ -408,6 +407,21 @@ def _anchor_payload(state, offsets, arena, size, in_span):
     """The raw payload of the anchor of the next frame, `in_span` (> 0) frames into its anchor's span."""
     at = offsets[(state[_COUNT] - in_span) % offsets.shape[0]]
     return arena[at:at + size]
+
+
+@numba.njit(cache=True, nogil=True)
+def _rebuilt_key(state, offsets, kinds, params, ref_dist, arena, size, in_group, row):
+    """The key of the next frame, `in_group` (> 0) frames into its key's group, of a store without entropy coding:
+    its raw payload, or its anchor's with its runs applied in `row`."""
+    # the key and its anchor stay in the arena as long as frames are appended to their span (_live_payload)
+    key = state[_COUNT] - in_group
+    slot = key % offsets.shape[0]
+    if kinds[slot] == _RAW:
+        return arena[offsets[slot]:offsets[slot] + size]
+    anchor = key - ref_dist[slot]
+    _memcpy(row, 0, arena, offsets[anchor % offsets.shape[0]], size)
+    _apply_runs(row, 0, size, slot, offsets, params, arena)
+    return row[:size]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -452,20 +466,25 @@ def _append_raw(frame, block, arena):
 
 
 @numba.njit(cache=True, nogil=True)
-def _append_diff(frame, episode_start, block, arena, run_rows):
+def _append_diff(frame, episode_start, block, arena, encoder):
     """Store the next frame of a DiffFrames: raw if an anchor, else byte runs against its anchor or key, raw where
     not smaller; its id, or _FREE_FIRST (pages to hand back) or _TRY_ENTROPY (runs of _ENTROPY_FROM bytes or
-    more) instead, storing nothing."""
+    more) instead, storing nothing. `encoder`: DiffScratch.encoder."""
     state, refs, offsets, kinds, params, ref_dist = _block_views(block)
     if _pages_behind(_live_payload(state, 1, offsets, ref_dist)[1], state, arena.size):
         return _FREE_FIRST
     episode_pos, in_span, in_group, dist = _span_position(state, episode_start)
     index = (state, offsets, kinds, params, ref_dist, arena)
-    headers, values = run_rows[0], run_rows[1]
+    headers, values = encoder[0], encoder[1]
     if in_span == 0:
         _place_payload(frame, frame[:0], _RAW, frame.size, 0, *index)
     else:
-        ref = refs[0, :frame.size] if in_group else _anchor_payload(state, offsets, arena, frame.size, in_span)
+        if in_group == 0:
+            ref = _anchor_payload(state, offsets, arena, frame.size, in_span)
+        elif refs.shape[0]:
+            ref = refs[0, :frame.size]
+        else:
+            ref = _rebuilt_key(state, offsets, kinds, params, ref_dist, arena, frame.size, in_group, encoder[2])
         runs, used = _encode_runs(frame, ref, headers, values)
         cost = frame.size if runs < 0 else 2 * runs + used
         if cost >= state[_ENTROPY_FROM]:
@@ -480,7 +499,7 @@ def _append_diff(frame, episode_start, block, arena, run_rows):
 
 @numba.njit(cache=True, nogil=True)
 def append_frame(frame, episode_start, block, arena, rows):
-    """Store `frame` (a row of uint8) as the next id of the store whose `kernel_args` are (block, arena, rows): that
+    """Store `frame` (a row of uint8) as the next id of the store whose `kernel_args` are (block, arena, encoder rows): that
     id, or a negative value, storing nothing, where the store's own append() must finish the job. For front
     ends' kernels; frames are not checked here."""
     if block[:_STATE_BYTES].view(np.int64)[_STORE] == _RAW_STORE:
@@ -498,7 +517,7 @@ def _as_row(frame: np.ndarray, frame_size: int) -> np.ndarray:
     return frame
 
 
-_NO_ROWS = np.empty((2, 0), dtype=np.uint8)  # append_frame's encoder rows for stores that encode nothing
+_NO_ROWS = np.empty((3, 0), dtype=np.uint8)  # append_frame's encoder rows for stores that encode nothing
 
 
 @numba.njit(cache=True, nogil=True)
@@ -727,8 +746,10 @@ class DiffScratch:
             raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
         self.frame_size = frame_size
         self.decode_threads = decode_threads
-        self.runs = np.empty((2, frame_size), dtype=np.uint8)  # a frame's byte runs: headers, values
-        self.headers, self.values = self.runs
+        # encoder rows: a frame's byte runs (headers, values), and a key rebuilt from the arena (stores without entropy
+        # coding keep no copy of their key)
+        self.encoder = np.empty((3, frame_size), dtype=np.uint8)
+        self.headers, self.values = self.encoder[:2]
         self.transformed = np.empty(0, dtype=np.uint8)  # a frame before zstd: allocated by the first entropy coding
         # per decode thread: a zstd context, then its work rows and rows of decompressed payloads, allocated by its
         # first entropy decode (stores that hold no entropy-coded frame never need them)
@@ -739,7 +760,7 @@ class DiffScratch:
     @property
     def nbytes(self) -> int:
         """Bytes of every row: the encoder's, and the decoders' once they decoded entropy-coded frames."""
-        return self.runs.nbytes + self.transformed.nbytes + self.decode_nbytes
+        return self.encoder.nbytes + self.transformed.nbytes + self.decode_nbytes
 
     @property
     def decode_nbytes(self) -> int:
@@ -786,14 +807,14 @@ class DiffFrames:
         # A frame's references reach back at most anchor_interval - 1 frames, so that many extra
         # slots keep every reference of the newest `capacity` frames decodable.
         self._slots = capacity + anchor_interval - 1
-        # One block for the kernels: state, references (copies of the group's key and, kept only for entropy
-        # coding, of the last frame; the span's anchor is read from the arena), then per
+        # One block for the kernels: state, references (with entropy coding, copies of the group's key and of the
+        # last frame; without, the key is rebuilt and the anchor read from the arena), then per
         # slot its payload's offset in bytes, its kind (_RAW, _RUNS, _ZPREV or _ZINTRA), its param (_RUNS:
         # (skip, length) pairs; _Z*: payload bytes) and frames back to its run reference (0: anchor).
-        self._block = _new_block(_DIFF_STORE, self._slots, -(-self.frame_size // 8) * 8, 2 if entropy else 1)
+        self._block = _new_block(_DIFF_STORE, self._slots, -(-self.frame_size // 8) * 8, 2 if entropy else 0)
         self._state, self._refs, self._offsets, self._kinds, self._params, self._ref_dist = _block_views(self._block)
-        self._key = self._refs[0, :self.frame_size]
-        self._previous = self._refs[1, :self.frame_size] if entropy else np.zeros(0, dtype=np.uint8)
+        self._key, self._previous = (self._refs[:, :self.frame_size] if entropy else
+                                     (np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.uint8)))
         # Worst case, every held frame is raw. One frame more covers the end skipped when the head
         # wraps, one the payload being placed, and a release chunk the pages not yet handed back
         # behind the tail: the head then never reaches the tail nor a page about to be released.
@@ -805,7 +826,7 @@ class DiffFrames:
         entropy_from = 2 * min_entropy_saving if entropy else self.frame_size + 1
         self._state[[_KEY_INTERVAL, _ANCHOR_INTERVAL, _ENTROPY_FROM, _CHUNK]] = \
             key_interval, anchor_interval, entropy_from, _RELEASE_CHUNK  # fixed from here
-        self.kernel_args = (self._block, self._arena, self._scratch.runs)  # what append_frame takes for this store
+        self.kernel_args = (self._block, self._arena, self._scratch.encoder)  # what append_frame takes for this store
 
     @property
     def nbytes(self) -> int:
@@ -930,15 +951,19 @@ class DiffFrames:
         live = len(state["payload_start"]) + len(state["payload_end"])
         expected = {"payload_start": (None, np.uint8), "payload_end": (None, np.uint8), "offsets": (held, np.int64),
                     "kinds": (held, np.uint8), "params": (held, np.int32), "ref_dist": (held, np.int32),
-                    "key": (self.frame_size, np.uint8),
-                    # entropy coding continues from the last frame, which stores without it do not keep
+                    # entropy coding continues from copies of the key and the last frame, which stores without it
+                    # do not keep
+                    "key": (self.frame_size if self.entropy else None, np.uint8),
                     "previous": (self.frame_size if self.entropy else None, np.uint8)}
         for name, (length, dtype) in expected.items():
             array = np.asarray(state[name])
             if array.ndim != 1 or array.dtype != dtype or (length is not None and len(array) != length):
-                hint = " (saved by a store with entropy=False)" if name == "previous" and array.size == 0 else ""
+                hint = " (saved by a store with entropy=False)" if name in ("key", "previous") and array.size == 0 \
+                    else ""
                 raise ValueError(f"saved {name} has shape {array.shape} and dtype {array.dtype}; "
                                  f"expected ({length if length is not None else 'n'},) {np.dtype(dtype)}{hint}")
+        if not self.entropy and np.any(np.asarray(state["kinds"]) >= _ZPREV):
+            raise ValueError("saved frames include entropy-coded ones; load them into a store with entropy=True")
         offsets = np.asarray(state["offsets"])
         if live > self._arena.size or (held and not 0 <= offsets.min() <= offsets.max() <= live):
             raise ValueError(f"saved payload of {live} bytes does not hold the saved offsets")
@@ -950,9 +975,8 @@ class DiffFrames:
         self._kinds[:] = _RAW  # slots of frames not saved hold nothing to count or decode
         for name in ("offsets", "kinds", "params", "ref_dist"):
             getattr(self, "_" + name)[slots] = state[name]
-        self._key[:] = state["key"]
         if self.entropy:
-            self._previous[:] = state["previous"]
+            self._key[:], self._previous[:] = state["key"], state["previous"]
         self._state[:_KEY_INTERVAL] = 0
         self._state[[_COUNT, _EPISODE_POS, _FIRST_NEEDED, _HEAD, _ENTROPY_FRAMES]] = \
             count, episode_pos, first_needed, live, np.count_nonzero(self._kinds >= _ZPREV)

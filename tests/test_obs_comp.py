@@ -436,3 +436,9 @@ def test_full_picks_entropy_coded_differences_on_rendered_floor_frames(rendered_
         out = np.empty((len(ids), frames[0].size), dtype=np.uint8)
         store.decode(ids, out)
         np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))
+    # a store without entropy coding continues from frames it can rebuild: it refuses entropy-coded ones
+    with pytest.raises(ValueError, match="entropy-coded"):
+        stores["runs"].load_state_dict(stores["default"].state_dict())
+    out = np.empty((len(ids), frames[0].size), dtype=np.uint8)
+    stores["runs"].decode(ids, out)  # and keeps what it held
+    np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))
