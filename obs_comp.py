@@ -30,7 +30,10 @@ differences do.
 Memory. Each store reserves address space for its worst case (every frame raw) up front, as one
 anonymous mapping: a page becomes resident when a payload is first written to it, and pages that
 only old frames used are handed back to the OS (madvise) as the oldest kept frame moves on. So a
-store never copies its payload to grow, and `nbytes` counts the bytes actually resident.
+store never copies its payload to grow, and `nbytes` counts the bytes actually resident. Besides its
+payload and index, a store with entropy coding keeps copies of its current key frame and of the last
+frame; without entropy coding the encoder reads the anchor from the arena and rebuilds the key there
+into a row shared by the stores of one DiffScratch, so a store costs next to nothing before its frames.
 """
 from __future__ import annotations
 
