@@ -289,9 +289,11 @@ def test_samples_of_steps_whose_stack_did_not_change_do_not_share_memory():
     ref = ReplayBuffer(8, space, spaces.Discrete(N_ACTIONS), device="cpu")
     ours = CompressedReplayBuffer(8, space, spaces.Discrete(N_ACTIONS), device="cpu")
     for step in range(5):
-        obs = rng.integers(0, 256, (1, 4, 6, 6), dtype=np.uint8)
+        obs = np.zeros((1, 4, 6, 6), np.uint8)  # a reset stack (stored as its one frame), then the same stack again
+        obs[0, -1] = rng.integers(1, 256, (6, 6))
         for buffer in (ref, ours):
             buffer.add(obs, obs.copy(), np.array([step % N_ACTIONS]), np.zeros(1, np.float32), np.zeros(1), [{}])
+    assert np.array_equal(ours.observations[:5], ours.next_observations[:5])
     for batch_size in (0, 1, 3):
         assert_same_replay_samples(ref, ours, batch_size, batch_size)
         np.random.seed(batch_size)
