@@ -406,23 +406,22 @@ def _frame_stored(frame, episode_pos, in_group, state, refs):
 
 
 @numba.njit(cache=True, nogil=True)
-def _anchor_payload(state, offsets, arena, size, in_span):
-    """The raw payload of the anchor of the next frame, `in_span` (> 0) frames into its anchor's span."""
-    at = offsets[(state[_COUNT] - in_span) % offsets.shape[0]]
-    return arena[at:at + size]
-
-
-@numba.njit(cache=True, nogil=True)
-def _rebuilt_key(state, offsets, kinds, params, ref_dist, arena, size, in_group, row):
-    """The key of the next frame, `in_group` (> 0) frames into its key's group, of a store without entropy coding:
-    its raw payload, or its anchor's with its runs applied in `row`."""
-    # the key and its anchor stay in the arena as long as frames are appended to their span (_live_payload)
+def _run_reference(state, refs, offsets, kinds, params, ref_dist, arena, size, in_span, in_group, row):
+    """The frame the next frame's runs are taken against, `in_span` (> 0) frames into its anchor's span and
+    `in_group` into its key's group: the anchor's raw payload for a key; else the key's copy in `refs` (stores with
+    entropy coding) or, rebuilt in `row`, its anchor with its runs applied (or its raw payload)."""
+    # anchors and keys stay in the arena as long as frames are appended to their span (_live_payload)
+    slots = offsets.shape[0]
+    if in_group == 0:
+        at = offsets[(state[_COUNT] - in_span) % slots]
+        return arena[at:at + size]
+    if refs.shape[0]:
+        return refs[0, :size]
     key = state[_COUNT] - in_group
-    slot = key % offsets.shape[0]
+    slot = key % slots
     if kinds[slot] == _RAW:
         return arena[offsets[slot]:offsets[slot] + size]
-    anchor = key - ref_dist[slot]
-    _memcpy(row, 0, arena, offsets[anchor % offsets.shape[0]], size)
+    _memcpy(row, 0, arena, offsets[(key - ref_dist[slot]) % slots], size)
     _apply_runs(row, 0, size, slot, offsets, params, arena)
     return row[:size]
 
@@ -482,12 +481,8 @@ def _append_diff(frame, episode_start, block, arena, encoder):
     if in_span == 0:
         _place_payload(frame, frame[:0], _RAW, frame.size, 0, *index)
     else:
-        if in_group == 0:
-            ref = _anchor_payload(state, offsets, arena, frame.size, in_span)
-        elif refs.shape[0]:
-            ref = refs[0, :frame.size]
-        else:
-            ref = _rebuilt_key(state, offsets, kinds, params, ref_dist, arena, frame.size, in_group, encoder[2])
+        ref = _run_reference(state, refs, offsets, kinds, params, ref_dist, arena, frame.size, in_span, in_group,
+                             encoder[2])
         runs, used = _encode_runs(frame, ref, headers, values)
         cost = frame.size if runs < 0 else 2 * runs + used
         if cost >= state[_ENTROPY_FROM]:
@@ -878,8 +873,8 @@ class DiffFrames:
         """Store the next frame as entropy-coded differences if they save min_entropy_saving bytes on its runs; its id."""
         episode_pos, in_span, in_group, dist = _span_position(self._state, episode_start)
         headers, values = self._scratch.headers, self._scratch.values
-        ref = self._key if in_group else _anchor_payload(self._state, self._offsets, self._arena, self.frame_size,
-                                                         in_span)
+        ref = _run_reference(self._state, self._refs, self._offsets, self._kinds, self._params, self._ref_dist,
+                             self._arena, self.frame_size, in_span, in_group, self._scratch.encoder[2])
         runs, used = _encode_runs(frame, ref, headers, values)
         kind, payload, param = (_RUNS, (headers[:2 * runs], values[:used]), runs) if runs >= 0 \
             else (_RAW, (frame, frame[:0]), self.frame_size)

@@ -70,10 +70,11 @@ def _stack_code(newest, env, n_envs, frame_stack, real, zero_padded):
 
 @numba.njit(cache=True, nogil=True)
 def _code_parts(code, n_envs, frame_stack):
-    """(newest frame id, real frames, zero padded) of a stored stack's code."""
+    """(newest frame id, env, real frames, zero padded) of a stored stack's code."""
     rest, zero_padded = divmod(code, 2)
     rest, older_real = divmod(rest, frame_stack)
-    return rest // n_envs, older_real + 1, zero_padded
+    newest, env = divmod(rest, n_envs)
+    return newest, env, older_real + 1, zero_padded
 
 
 @numba.njit(cache=True, nogil=True)
@@ -84,9 +85,8 @@ def _parse_codes(codes, n_envs, frame_stack):
     zero_padded = np.zeros(n, np.bool_)
     for i in range(n):
         if codes[i] >= 0:
-            newest[i], real, zero_padded[i] = _code_parts(codes[i], n_envs, frame_stack)
+            newest[i], env[i], real, zero_padded[i] = _code_parts(codes[i], n_envs, frame_stack)
             first[i] = newest[i] - real + 1
-            env[i] = codes[i] // (2 * frame_stack) % n_envs
     return newest, first, zero_padded, env
 
 
@@ -94,7 +94,7 @@ def _parse_codes(codes, n_envs, frame_stack):
 def _next_stack(kind, newest_code, n_envs, frame_stack):
     """(episode start, real frames, zero padded) of a stack that follows the newest one as `kind` says (an append)."""
     if kind == SHIFTED:
-        _, real, zero_padded = _code_parts(newest_code, n_envs, frame_stack)
+        _, _, real, zero_padded = _code_parts(newest_code, n_envs, frame_stack)
         return False, min(real + 1, frame_stack), zero_padded
     return True, 1, np.int64(kind == RESET_ZEROS)
 
@@ -270,7 +270,7 @@ class FrameStreams:
 
     def _unpack(self, code: int) -> tuple[int, int, bool]:
         """(newest frame id, real frames, zero padded) of a stored stack's code."""
-        newest, real, zero_padded = _code_parts(code, self.n_envs, self.layout.frame_stack)
+        newest, _, real, zero_padded = _code_parts(code, self.n_envs, self.layout.frame_stack)
         return newest, real, bool(zero_padded)
 
     def _keep_whole(self, obs: np.ndarray) -> int:
@@ -328,7 +328,7 @@ class FrameStreams:
             self.state[_NEWEST, env] = -1
             if frames is None:
                 continue
-            _, real, zero_padded = _code_parts(code, self.n_envs, self.layout.frame_stack)
+            _, _, real, zero_padded = _code_parts(code, self.n_envs, self.layout.frame_stack)
             for i, frame in enumerate(frames[-real:]):
                 self._append(env, frame, i == 0, i + 1, zero_padded)
 
