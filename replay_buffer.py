@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from frame_stacks import StackLayout, decode_stacks, reset_padding, shifted
-from obs_comp import make_frame_store
+from obs_comp import COMPRESSIONS, bytes_per_step, check_saved_arrays, make_frame_store
 
-_COMPRESSIONS = ("half", "full")
 # the arrays of a batch, in the order sample() returns them
 BATCH_KEYS = ("obs", "action", "reward", "discount", "next_obs")
 
@@ -34,8 +33,8 @@ class ReplayBuffer:
                  frame_stack: int, nstep: int, discount: float, batch_size: int, compression: str,
                  seed: int | None = None, key_interval: int = 4, anchor_interval: int = 100, **full_options):
         obs_shape, action_shape = tuple(obs_shape), tuple(action_shape)
-        if compression not in _COMPRESSIONS:
-            raise ValueError(f"unknown compression {compression!r}: expected one of {_COMPRESSIONS}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}: expected one of {COMPRESSIONS}")
         if frame_stack < 1 or nstep < 1 or batch_size < 1:
             raise ValueError(f"frame_stack, nstep and batch_size must be >= 1, got {frame_stack}, {nstep}, {batch_size}")
         if len(obs_shape) != 3 or obs_shape[0] % frame_stack:
@@ -75,8 +74,7 @@ class ReplayBuffer:
     @property
     def bytes_per_step(self) -> float:
         """RAM per stored step: capacity-sized arrays over capacity, content-sized storage over steps stored."""
-        content = self._frames.content_nbytes
-        return (self.nbytes - content) / self.capacity + content / max(len(self), 1)
+        return bytes_per_step(self.nbytes, self._frames.content_nbytes, self.capacity, len(self))
 
     @property
     def can_sample(self) -> bool:
@@ -146,11 +144,7 @@ class ReplayBuffer:
                              "load it into a buffer built with the same settings")
         total, current_start, episode_open, newest_oldest_frame = (int(x) for x in state["counters"])
         expected = {**self._saved_arrays(min(total, self.capacity)), "last_obs": (self.obs_shape, np.uint8)}
-        for name, (shape, dtype) in expected.items():
-            array = np.asarray(state[name])
-            if array.shape != shape or array.dtype != dtype:
-                raise ValueError(f"saved {name} has shape {array.shape} and dtype {array.dtype}; "
-                                 f"expected {shape} {np.dtype(dtype)}")
+        check_saved_arrays(state, expected)
         generator = np.random.default_rng()
         generator.bit_generator.state = json.loads(bytes(state["generator"]).decode())
         with self._lock:

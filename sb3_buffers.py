@@ -41,9 +41,9 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from frame_stacks import (OTHER, RESET_ZEROS, SAME, SHIFTED, StackLayout, decode_stacks, follow_stacks,
                           follow_transition)
-from obs_comp import DiffScratch, append_frame, make_frame_store
+from kernels import append_frame
+from obs_comp import COMPRESSIONS, DiffScratch, bytes_per_step, make_frame_store
 
-COMPRESSIONS = ("half", "full")
 # full's codec on Atari frames (bench/table2.py --sweep on the ten games of Table II): byte runs only, as
 # obs_comp's entropy-coded differences save little on most games and slow sampling down where they kick in
 KEY_INTERVAL, ANCHOR_INTERVAL = 3, 200
@@ -54,9 +54,14 @@ _RELEASE_EVERY = 16  # steps between releases of a full replay ring's oldest fra
 _SPARE = 2
 # The space SB3 is shown when it builds its observation arrays: one int64 stack code per slot.
 _CODE_SPACE = spaces.Box(low=np.iinfo(np.int64).min, high=np.iinfo(np.int64).max, shape=(1,), dtype=np.int64)
-# rows of FrameStreams.state, per env: the newest stack's code (< 0: none, or kept whole: nothing continues
-# it), and the last transition's obs code and how its obs and next_obs followed the newest stack
-_NEWEST, _OBS_CODE, _OBS_KIND, _NEXT_KIND = range(4)
+# FrameStreams.state, one record per env
+STREAM_STATE = np.dtype([
+    ("newest", np.int64),     # the code of the env's newest stack (< 0: none, or kept whole: nothing continues it)
+    ("obs_code", np.int64),   # the code of the last transition's obs
+    ("obs_kind", np.int64),   # how its obs followed the newest stack (frame_stacks' SAME, SHIFTED, ...)
+    ("next_kind", np.int64),  # how its next_obs followed its obs
+    ("outcome", np.int64),    # what a kernel's append that stored nothing returned (for the store's finish_append)
+])
 # Kernels that call into obs_comp or frame_stacks, or use their constants, are compiled in each process
 # (a few seconds, when its first buffer is built): numba's disk cache would not notice a change in those files.
 _NO_DISK_CACHE = {"cache": False, "nogil": True}
@@ -105,12 +110,13 @@ def _follow_in_store(kind, frames, env, state, block, arena, rows):
     done (False: the store's own append() must store its frame)."""
     if kind == SAME:
         return True
-    n_envs, frame_stack = state.shape[1], frames.shape[0]
-    episode_start, real, zero_padded = _next_stack(kind, state[_NEWEST, env], n_envs, frame_stack)
+    n_envs, frame_stack = state.shape[0], frames.shape[0]
+    episode_start, real, zero_padded = _next_stack(kind, state[env].newest, n_envs, frame_stack)
     newest = append_frame(frames[frame_stack - 1], episode_start, block, arena, rows)
     if newest < 0:
+        state[env].outcome = newest
         return False
-    state[_NEWEST, env] = _stack_code(newest, env, n_envs, frame_stack, real, zero_padded)
+    state[env].newest = _stack_code(newest, env, n_envs, frame_stack, real, zero_padded)
     return True
 
 
@@ -119,11 +125,11 @@ def _store_transition(latest, obs, next_obs, state, env, block, arena, rows):
     """Make env's stacks obs, then next_obs (n_envs, K, F) its newest, in its store (kernel_args block, arena, rows):
     how many of the two it stored, their kinds in state. The caller stores the rest: from the first stack to be
     kept whole (OTHER) or whose frame the store's own append() must store."""
-    obs_kind, next_kind = follow_transition(latest[env], obs[env], next_obs[env], state[_NEWEST, env] >= 0)
-    state[_OBS_KIND, env], state[_NEXT_KIND, env] = obs_kind, next_kind
+    obs_kind, next_kind = follow_transition(latest[env], obs[env], next_obs[env], state[env].newest >= 0)
+    state[env].obs_kind, state[env].next_kind = obs_kind, next_kind
     if obs_kind == OTHER or not _follow_in_store(obs_kind, obs[env], env, state, block, arena, rows):
         return 0
-    state[_OBS_CODE, env] = state[_NEWEST, env]
+    state[env].obs_code = state[env].newest
     if next_kind == OTHER or not _follow_in_store(next_kind, next_obs[env], env, state, block, arena, rows):
         return 1
     return 2
@@ -137,7 +143,7 @@ def _compile_kernels() -> None:
         return
     store = make_frame_store("half", 4, (8,), 1, 1)
     stacks = np.zeros((1, 2, 8), dtype=np.uint8)
-    _store_transition(stacks.copy(), stacks, stacks, np.full((4, 1), -1, dtype=np.int64), 0, *store.kernel_args)
+    _store_transition(stacks.copy(), stacks, stacks, np.full(1, -1, dtype=STREAM_STATE), 0, *store.kernel_args)
 
 
 def stack_layout(observation_space: spaces.Space, frame_stack: int, channels_last: Optional[bool],
@@ -180,8 +186,8 @@ class FrameStreams:
         self.new_store = functools.partial(make_frame_store, compression, frames_per_env, layout.frame_shape,
                                            key_interval, anchor_interval, **full_options, **shared)
         self.stores = [self.new_store() for _ in range(n_envs)]
-        self.state = np.zeros((4, n_envs), dtype=np.int64)  # _NEWEST, _OBS_CODE, ... per env
-        self.state[_NEWEST] = -1
+        self.state = np.zeros(n_envs, dtype=STREAM_STATE)
+        self.state["newest"] = -1
         # a copy of each env's newest stack saves decoding it at every add, for frame_stack frames per env
         self.latest = np.zeros((n_envs, layout.frame_stack, layout.frame_size), dtype=np.uint8) if keep_latest else None
         self.whole = np.zeros((0, layout.frame_stack * layout.frame_size), dtype=np.uint8)
@@ -213,7 +219,7 @@ class FrameStreams:
         assert self.latest is None, "streams that keep a copy of the newest stacks store transitions"
         frames = self.layout.frames(obs)
         previous = np.empty_like(frames)
-        newest = self.state[_NEWEST]
+        newest = self.state["newest"]
         for env in np.flatnonzero(newest >= 0):
             previous[env] = self._stack_frames(env, int(newest[env]))
         # a rollout's stack usually is the previous one shifted: tried first
@@ -233,32 +239,39 @@ class FrameStreams:
                 if stored < 2:
                     self._finish_transition(env, stored, (frames, next_frames), (obs, next_obs))
         except BaseException:  # the copy may not be of the newest stacks now: nothing may continue them
-            state[_NEWEST] = -1
+            state["newest"] = -1
             raise
-        return state[_OBS_CODE], state[_NEWEST]
+        return state["obs_code"], state["newest"]
 
     def _finish_transition(self, env: int, stored: int, frames: tuple[np.ndarray, np.ndarray],
                            stacks: tuple[np.ndarray, np.ndarray]) -> None:
         """Store env's stacks of a transition that _store_transition left, from the `stored`-th on."""
         for i in range(stored, 2):  # the stored-th one the kernel could not store: not tried there again
-            self._follow(env, int(self.state[_OBS_KIND + i, env]), frames[i][env], stacks[i][env], i > stored)
+            kind = int(self.state[env][("obs_kind", "next_kind")[i]])
+            self._follow(env, kind, frames[i][env], stacks[i][env], i > stored)
             if i == 0:
-                self.state[_OBS_CODE, env] = self.state[_NEWEST, env]
+                self.state[env]["obs_code"] = self.state[env]["newest"]
 
     def _follow(self, env: int, kind: int, frames: np.ndarray, stack: np.ndarray, kernel_first: bool = True) -> None:
         """Make env's stack `stack` (its frames (K, F)) its newest, stored as its kind (follow_stacks) says: by the
-        kernel, or where it cannot (or not kernel_first) by the store's own append()."""
+        kernel, or where it cannot by the store's own code: it finishes the append a kernel left (not
+        kernel_first), or appends anew."""
         if kind == OTHER:
-            self.state[_NEWEST, env] = self._keep_whole(stack)  # nothing continues it
+            self.state[env]["newest"] = self._keep_whole(stack)  # nothing continues it
         elif not (kernel_first and _follow_in_store(kind, frames, env, self.state, *self.stores[env].kernel_args)):
-            episode_start, real, zero_padded = _next_stack(kind, self.state[_NEWEST, env], self.n_envs,
+            episode_start, real, zero_padded = _next_stack(kind, self.state[env]["newest"], self.n_envs,
                                                            self.layout.frame_stack)
-            self._append(env, frames[-1], episode_start, real, zero_padded)
+            outcome = None if kernel_first else int(self.state[env]["outcome"])
+            self._append(env, frames[-1], episode_start, real, zero_padded, outcome)
 
-    def _append(self, env: int, frame: np.ndarray, episode_start: bool, real: int, zero_padded: int) -> None:
-        """Append `frame` to env's store; the stack it ends, with `real` real frames, becomes env's newest."""
-        newest = self.stores[env].append(frame, episode_start=episode_start)
-        self.state[_NEWEST, env] = _stack_code(newest, env, self.n_envs, self.layout.frame_stack, real, zero_padded)
+    def _append(self, env: int, frame: np.ndarray, episode_start: bool, real: int, zero_padded: int,
+                outcome: Optional[int] = None) -> None:
+        """Append `frame` to env's store, or finish the append a kernel left with `outcome`; the stack it ends,
+        with `real` real frames, becomes env's newest."""
+        store = self.stores[env]
+        newest = store.append(frame, episode_start) if outcome is None else \
+            store.finish_append(frame, episode_start, outcome)
+        self.state[env]["newest"] = _stack_code(newest, env, self.n_envs, self.layout.frame_stack, real, zero_padded)
 
     def _stack_frames(self, env: int, code: int) -> np.ndarray:
         """The frames (K, frame_size) of one stored stack of env."""
@@ -307,8 +320,8 @@ class FrameStreams:
 
     def release_all(self) -> None:
         """No step is stored: keep only each env's newest stack, which the next stack may continue."""
-        self.release_before(self.state[_NEWEST, :, None])
-        for env in np.flatnonzero(self.state[_NEWEST] < 0):
+        self.release_before(self.state["newest"][:, None])
+        for env in np.flatnonzero(self.state["newest"] < 0):
             self.stores[env].release(self.stores[env].count)
 
     def restart(self) -> None:
@@ -322,10 +335,10 @@ class FrameStreams:
         """
         self.drop_all()
         for env in range(self.n_envs):
-            code = int(self.state[_NEWEST, env])
+            code = int(self.state[env]["newest"])
             frames = None if code < 0 else self._stack_frames(env, code)
             self.stores[env] = self.new_store()
-            self.state[_NEWEST, env] = -1
+            self.state[env]["newest"] = -1
             if frames is None:
                 continue
             _, _, real, zero_padded = _code_parts(code, self.n_envs, self.layout.frame_stack)
@@ -365,8 +378,8 @@ class _StreamBytes:
     @property
     def bytes_per_step(self) -> float:
         """RAM per stored step when full: capacity-sized arrays over capacity, stored frames over steps stored."""
-        content = self._streams.content_nbytes
-        return (self.nbytes - content) / (self.buffer_size * self.n_envs) + content / max(self.size() * self.n_envs, 1)
+        return bytes_per_step(self.nbytes, self._streams.content_nbytes, self.buffer_size * self.n_envs,
+                              self.size() * self.n_envs)
 
 
 class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):

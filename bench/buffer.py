@@ -236,7 +236,7 @@ def format_sweep(steps: list, frames: np.ndarray, first: np.ndarray, args: argpa
         store = buf._frames
         # ring arrays and slot index, the same for every format; not the arena's slack left by wrapping and
         # pages not yet returned (it depends on where the wraps happen to fall)
-        overhead = (buf.nbytes - store._resident_arena()) / len(buf)
+        overhead = (buf.nbytes - store.arena_nbytes) / len(buf)
         assert abs(model_payload(frames, first, "bytes", k, a, "raw", cache) - store.payload_bytes / len(buf)) < 1e-9, \
             "size model disagrees with the store"
         for fmt in FORMATS:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kernels
 import obs_comp
 from obs_comp import DiffFrames, DiffScratch, RawFrames, make_frame_store
 
@@ -148,7 +149,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mi
 def test_full_arena_never_moves_and_holds_only_live_pages(seed, capacity, change, anchor_interval, chunk_pages):
     # Frames of 4 KiB, from barely changing to all new (raw), so the live payload rises and falls.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(obs_comp, "_RELEASE_CHUNK", chunk_pages * obs_comp._PAGE)
+        patch.setattr(obs_comp, "_RELEASE_CHUNK", chunk_pages * obs_comp.PAGE)
         check_arena_against_kernel(seed, capacity, change, anchor_interval)
 
 
@@ -158,14 +159,14 @@ def check_arena_against_kernel(seed, capacity, change, anchor_interval):
     frames = similar_frames(rng, 1500, (1, 64, 64), change)
     store = DiffFrames(capacity, (1, 64, 64), key_interval=4, anchor_interval=anchor_interval)
     arena_address = store._arena.ctypes.data
-    slack = obs_comp._RELEASE_CHUNK + 2 * obs_comp._PAGE + frames[0].size  # unreleased chunk, partial pages, wrap
+    slack = obs_comp._RELEASE_CHUNK + 2 * obs_comp.PAGE + frames[0].size  # unreleased chunk, partial pages, wrap
     for i, frame in enumerate(frames):
         store.append(frame, episode_start=rng.random() < 0.01)
         if i % 50 == 0 or i == len(frames) - 1:
             resident = mapping_rss(store._arena)
             assert store._arena.ctypes.data == arena_address  # never copied to grow
             assert resident <= store.payload_bytes + slack
-            assert abs(store.content_nbytes - min(i + 1, store._slots) * 16 - resident) <= frames[0].size + obs_comp._PAGE
+            assert abs(store.content_nbytes - min(i + 1, store._slots) * 16 - resident) <= frames[0].size + obs_comp.PAGE
     ids = np.arange(len(frames) - capacity, len(frames))
     out = np.empty((capacity, frames[0].size), dtype=np.uint8)
     store.decode(ids, out)
@@ -183,7 +184,7 @@ def test_released_stores_still_decode_every_kept_frame(seed, size, capacity, key
     rng = np.random.default_rng(seed)
     frames = similar_frames(rng, 150, (1, size, size), change)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(obs_comp, "_RELEASE_CHUNK", obs_comp._PAGE)
+        patch.setattr(obs_comp, "_RELEASE_CHUNK", obs_comp.PAGE)
         store = make_frame_store(mode, capacity, frames.shape[1:], key_interval, anchor_interval)
         first_needed = 0
         for i, frame in enumerate(frames):
@@ -208,7 +209,7 @@ def test_released_frames_hand_their_pages_back(mode):
         store.release(i + 1 - window)
     resident = mapping_rss(store._arena if mode == "full" else store._frames)
     kept_bytes = window * frames[0].size
-    assert resident <= kept_bytes + 100 * frames[0].size + obs_comp._RELEASE_CHUNK + 2 * obs_comp._PAGE
+    assert resident <= kept_bytes + 100 * frames[0].size + obs_comp._RELEASE_CHUNK + 2 * obs_comp.PAGE
     assert abs(store.content_nbytes - resident) <= 0.1 * resident
 
 
@@ -296,7 +297,7 @@ def test_full_rejects_bad_settings():
     for bad in (np.zeros(63, np.uint8), np.zeros((1, 8, 8), np.float32)):
         with pytest.raises(ValueError, match="expected 64 uint8"):
             store.append(bad, episode_start=False)
-    assert store._state[obs_comp._COUNT] == 1  # nothing stored by the rejected frames
+    assert store.count == 1  # nothing stored by the rejected frames
     with pytest.raises(ValueError, match="unknown compression"):
         make_frame_store("zip", 10, (1, 8, 8), 3, 4)
 
@@ -384,8 +385,8 @@ def test_full_fallbacks_frame_differing_everywhere_and_all_black_frames():
     out = np.empty((len(ids), sky.size), dtype=np.uint8)
     store.decode(ids, out)
     np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))
-    assert store._kinds[1] == obs_comp._RAW  # the inverted frame fell back to raw
-    assert store._kinds[3] == obs_comp._RUNS and store._params[3] == 0  # black after black: no runs
+    assert store._kinds[1] == obs_comp.RAW  # the inverted frame fell back to raw
+    assert store._kinds[3] == obs_comp.RUNS and store._params[3] == 0  # black after black: no runs
 
 
 def test_full_frames_decode_after_their_key_and_anchor_left_the_ring():
@@ -429,7 +430,7 @@ def test_full_picks_entropy_coded_differences_on_rendered_floor_frames(rendered_
         for store in stores.values():
             store.append(frame, episode_start=start)
     kinds = np.bincount(stores["default"]._kinds[:40], minlength=4)
-    assert kinds[obs_comp._ZPREV] > 0 and kinds[obs_comp._ZINTRA] > 0  # the floor makes byte runs large
+    assert kinds[obs_comp.ZPREV] > 0 and kinds[obs_comp.ZINTRA] > 0  # the floor makes byte runs large
     assert stores["default"].payload_bytes < 0.75 * stores["runs"].payload_bytes
     ids = np.random.default_rng(1).choice(np.arange(len(frames) - 40, len(frames)), size=90)
     for store in stores.values():
@@ -442,3 +443,26 @@ def test_full_picks_entropy_coded_differences_on_rendered_floor_frames(rendered_
     out = np.empty((len(ids), frames[0].size), dtype=np.uint8)
     stores["runs"].decode(ids, out)  # and keeps what it held
     np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(stream=frame_streams(), capacity=st.integers(1, 40), key_interval=st.integers(1, 5),
+       anchor_interval=st.integers(1, 12), data=st.data())
+def test_decode_runs_decodes_exactly_what_the_general_walk_decodes(stream, capacity, key_interval, anchor_interval,
+                                                                    data):
+    # decode_runs is walk specialised to stores without entropy-coded frames: both must write the same rows
+    shape, frames, starts, rng = stream
+    store = DiffFrames(capacity, shape, key_interval, anchor_interval, entropy=False)
+    for frame, start in zip(frames, starts):
+        store.append(frame, episode_start=start)
+    held = np.arange(max(0, len(frames) - capacity), len(frames))
+    ids = rng.choice(held, size=data.draw(st.integers(1, 3 * len(held))))
+    order = np.argsort(ids, kind="stable")
+    size = frames[0].size
+    by_runs, by_walk = np.empty(len(ids) * size, np.uint8), np.empty(len(ids) * size, np.uint8)
+    kernels.decode_runs(ids, order, store._block, store._arena, by_runs)
+    work, jobs = np.empty(kernels.WORK_ROWS * size, np.uint8), np.empty((len(ids) * (key_interval + 2), 2), np.int64)
+    assert kernels.walk(ids, order, store._block, store._arena, store._layout,
+                        kernels.Rows(by_walk, work, work[:0], jobs), False) == 0
+    np.testing.assert_array_equal(by_runs, by_walk)
+    np.testing.assert_array_equal(by_runs.reshape(len(ids), -1), frames[ids].reshape(len(ids), -1))

@@ -430,7 +430,7 @@ def failing_on_second_env():
     def fail(latest, obs, next_obs, state, env, *store):
         if env == 0:
             return store_transition(latest, obs, next_obs, state, env, *store)
-        follow_transition(latest[env], obs[env], next_obs[env], state[0, env] >= 0)
+        follow_transition(latest[env], obs[env], next_obs[env], state[env]["newest"] >= 0)
         raise MemoryError
 
     return mock.patch.object(sb3_buffers, "_store_transition", fail)
