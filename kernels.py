@@ -4,17 +4,18 @@ They live in one file because numba's disk cache keys a compiled kernel on its o
 kernel that called into another file would go on running that file's old code after an edit there.
 
 Sections, in reading order:
-  1. The `full` format: what a frame's payload holds, byte runs, the delta transform (the spec).
+  1. The `full` format: what a frame's payload holds, byte runs, packed residuals (the spec).
   2. Byte primitives: unaligned words, equal ranges, copies.
   3. A store's state: the named fields of its kernel block, and the views kernels take as one bundle.
   4. The arena: where payloads go, which must stay, which pages may go back.
-  5. Appending a frame, and the outcomes that hand the rest to Python.
+  5. Appending a frame, and the outcome that hands the rest to Python.
   6. Decoding: batches of byte-run frames, and the general walk along references.
   7. Frame stacks: how a stack follows the previous one, and the frame ids of stacks.
 """
 from __future__ import annotations
 
 import mmap
+import platform
 import sys
 from collections import namedtuple
 
@@ -38,12 +39,14 @@ PAGE = mmap.PAGESIZE
 # back) or, for a key (g == 0), its anchor (s frames back); it is stored as the smallest of
 #   RAW     the frame's bytes;
 #   RUNS    byte runs against the run reference (encode_runs);
-#   ZPREV   (g > 0) zstd of the delta transform of the frame against the previous frame;
-#   ZINTRA  (keys) zstd of the delta transform of the frame alone;
-# where an entropy-coded payload must also undercut the runs by the store's min_entropy_saving bytes.
+#   PREV_PACKED    (g > 0) the packed residual of the frame against the previous frame;
+#   ANCHOR_PACKED  (keys) the packed residual, taken vertically, of the frame against its anchor;
+#   ALONE_PACKED   (keys) the packed residual, taken vertically, of the frame alone;
+# where a packed payload must also undercut the runs by the store's min_entropy_saving bytes.
 # Per frame the index holds its payload's arena offset, its kind, a param (RAW: frame bytes; RUNS: (skip, length)
-# pairs; Z*: payload bytes) and ref_dist, the frames back to its run reference (0 for anchors).
-RAW, RUNS, ZPREV, ZINTRA = 0, 1, 2, 3
+# pairs; *_PACKED: payload bytes) and ref_dist, the frames back to its run reference (0 for anchors).
+RAW, RUNS, PREV_PACKED, ANCHOR_PACKED, ALONE_PACKED = 0, 1, 2, 3, 4
+KINDS = 5
 
 
 @numba.njit(cache=True, nogil=True)
@@ -116,69 +119,335 @@ def apply_runs(dst, dst_at, size, pairs, header, arena):
         header += 2
 
 
+# Packed residuals (*_PACKED): what a scrolling floor leaves, a few bits per byte where it moved, none elsewhere.
+# A frame of C <= 3 channels of H x W pixels (frame_layout) is C planes of P = H * W pixels, each padded with
+# zeros to whole groups of PACKED_GROUP pixels (packed_plane bytes).
+# Residual, per channel and pixel: the frame's byte minus the reference's (mod 256; the byte itself without a
+# reference); taken vertically, minus the same difference one row up (none on the first row); then for 3
+# channels, R and B minus G. Read as signed bytes, most are near 0.
+# Block b: pixels 2b and 2b + 1 of every plane, 2C values in the order (c0 p0, c0 p1, c1 p0, ...). Its width w
+# (0..8) is the least with every value v in [-2^(w-1), 2^(w-1)); each is stored as (v + 2^(w-1)) mod 2^w (w = 8:
+# v's byte), the block's values one after another in 2Cw bits. A group is 8 blocks.
+# Widths change little from block to block: each is coded against the one before it in the frame (0 before the
+# first), with d = w - previous width, least significant bit first: d = 0 as 0; d = +-1 as 1, 0, sign (1 for
+# minus); d = +-2 as 1, 1, 0, sign; otherwise 1, 1, 1 and w in 4 bits.
+# Payload: a bitmap of the groups with a block of width > 0 (bit g % 8 of byte g // 8), ceil(groups / 8) bytes;
+# then one stream of bits, least significant first: per such group its 8 width codes, then its blocks' bits in
+# order (groups without a set bit skipped); then PACKED_TAIL zero bytes, so that a decoder may read a whole word
+# at every code and block.
+PACKED_GROUP = 16
+PACKED_TAIL = 8
+PACKED_CHANNELS = 3  # frames with more channels are stored as runs or raw
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def packed_plane(layout):
+    """Bytes of one residual plane of a frame of this layout (frame_layout): its pixels padded to whole groups."""
+    return -(-(layout[1] * layout[2]) // PACKED_GROUP) * PACKED_GROUP
+
+
+def packed_bound(frame_size: int) -> int:
+    """Bytes that hold any packed payload of a frame of frame_size bytes, and its residual planes."""
+    # planes pad at most 15 pixels each; a group of 16 pixels per plane costs at most 7 bits per width code
+    # besides its 16 bytes per plane (7 of 16 more for one plane); the bitmap takes a bit per group
+    planes = frame_size + PACKED_CHANNELS * (PACKED_GROUP - 1)
+    return planes + planes * 7 // 16 + planes // 128 + 8 + PACKED_TAIL
+
+
 @numba.njit(cache=True, nogil=True)
-def delta_transform(frame, ref, has_ref, layout, out):
-    """out, pixel by pixel with channels interleaved: each byte's difference to `ref` (or the byte itself, without
-    a ref) minus the same difference at the pixel to its left; for 3 channels, R and B then minus G (mod 256).
-
-    Scrolling textures such as DMC's checkerboard floor change most pixels a little from frame to frame;
-    this leaves mostly small, repetitive values for zstd. `layout`: frame_layout()."""
+def residual(frame, ref, has_ref, vertical, layout, r):
+    """The residual planes of `frame` against `ref` (if has_ref), taken vertically or not, into r."""
     channels, height, width, channel_stride, pixel_stride = layout[0], layout[1], layout[2], layout[3], layout[4]
-    left = np.zeros(channels, np.int64)
-    dd = np.zeros(channels, np.int64)
-    for y in range(height):
-        left[:] = 0
-        for x in range(width):
-            pixel = y * width + x
-            for c in range(channels):
-                i = c * channel_stride + pixel * pixel_stride
-                d = np.int64(frame[i]) - (np.int64(ref[i]) if has_ref else 0)
-                dd[c] = d - left[c]
-                left[c] = d
-            if channels == 3:
-                dd[0] -= dd[1]
-                dd[2] -= dd[1]
-            for c in range(channels):
-                out[pixel * channels + c] = dd[c] & 255
+    pixels, plane = height * width, packed_plane(layout)
+    up = width * pixel_stride
+    for c in range(channels):
+        for p in range(pixels):
+            i = c * channel_stride + p * pixel_stride
+            d = np.int64(frame[i]) - (np.int64(ref[i]) if has_ref else 0)
+            if vertical and p >= width:
+                d -= np.int64(frame[i - up]) - (np.int64(ref[i - up]) if has_ref else 0)
+            r[c * plane + p] = d & 255
+        r[c * plane + pixels:(c + 1) * plane] = 0
+    if channels == 3:
+        for p in range(pixels):
+            green = np.int64(r[plane + p])
+            r[p] = (np.int64(r[p]) - green) & 255
+            r[2 * plane + p] = (np.int64(r[2 * plane + p]) - green) & 255
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def _signed(byte):
+    """A residual byte read as a signed value."""
+    v = np.int64(byte)
+    return v - 256 if v >= 128 else v
 
 
 @numba.njit(cache=True, nogil=True)
-def undo_delta_transform(t, ref, has_ref, dst, layout):
-    """The inverse of delta_transform: dst = ref + prefix sums along each row; dst may be ref itself."""
-    # Arguments are whole-frame views: indices that start at 0 spare numba's negative-index checks.
+def _block_width(r, plane, channels, b):
+    """The width of block b of residual planes r."""
+    folded, seen = 0, 0
+    for c in range(channels):
+        for k in range(2):
+            v = _signed(r[c * plane + 2 * b + k])
+            folded |= v ^ (v >> 63)  # v >= 0: v, else -v - 1: below 2^(w-1) for w's range
+            seen |= v
+    if seen == 0:
+        return 0
+    w = 1
+    while folded >> (w - 1):
+        w += 1
+    return w
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_bits(r, plane, channels, b, w):
+    """Block b's values in w bits each, one after another (section 1's offset form)."""
+    bias = (1 << (w - 1)) if w < 8 else 0
+    mask = (1 << w) - 1
+    bits = np.uint64(0)
+    lane = 0
+    for c in range(channels):
+        for k in range(2):
+            value = (np.int64(r[c * plane + 2 * b + k]) + bias) & mask
+            bits |= np.uint64(value) << np.uint64(w * lane)
+            lane += 1
+    return bits
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def _put_bits(out, bit, value):
+    """Or `value` (at most 57 bits) into the bit stream of out at bit `bit`."""
+    at = bit >> 3
+    put_word(out, at, _word(out, at) | (np.uint64(value) << np.uint64(bit & 7)))
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def _width_code(width, previous):
+    """(code, bits) of a block's width after the previous one's (section 1)."""
+    d = width - previous
+    if d == 0:
+        return 0, 1
+    if d == 1 or d == -1:
+        return 1 | (4 if d < 0 else 0), 3
+    if d == 2 or d == -2:
+        return 3 | (8 if d < 0 else 0), 4
+    return 7 | (width << 3), 7
+
+
+@numba.njit(cache=True, nogil=True)
+def pack_residual(r, channels, plane, out):
+    """Write the packed payload of residual planes r (channels planes of `plane` bytes) to out; its bytes."""
+    groups = plane // PACKED_GROUP
+    bitmap = -(-groups // 8)
+    out[:] = 0  # bits are or-ed in
+    bit, previous = 8 * bitmap, 0
+    widths = np.empty(8, np.int64)
+    for g in range(groups):
+        for j in range(8):
+            widths[j] = _block_width(r, plane, channels, 8 * g + j)
+        if widths.max() == 0:
+            continue
+        out[g >> 3] |= 1 << (g & 7)
+        for j in range(8):
+            code, bits = _width_code(widths[j], previous)
+            _put_bits(out, bit, code)
+            bit += bits
+            previous = widths[j]
+        for j in range(8):
+            if widths[j]:
+                _put_bits(out, bit, _block_bits(r, plane, channels, 8 * g + j, widths[j]))
+                bit += 2 * channels * widths[j]
+    return ((bit + 7) >> 3) + PACKED_TAIL
+
+
+def _parse_width_codes(byte: int) -> tuple[list[int], list[int], int]:
+    """The width codes whole in the 8 bits `byte` (section 1), up to the first absolute one: their changes d, the
+    bits used after each, and that absolute width if it comes first (else -1)."""
+    changes, used, bit = [], [], 0
+    while True:
+        if bit + 1 <= 8 and not (byte >> bit) & 1:
+            change, size = 0, 1
+        elif bit + 3 <= 8 and not (byte >> (bit + 1)) & 1:
+            change, size = -1 if (byte >> (bit + 2)) & 1 else 1, 3
+        elif bit + 4 <= 8 and (byte >> (bit + 1)) & 1 and not (byte >> (bit + 2)) & 1:
+            change, size = -2 if (byte >> (bit + 3)) & 1 else 2, 4
+        else:  # an absolute code (7 bits), or a code that goes on past these 8 bits
+            absolute = (byte >> 3) & 15 if bit == 0 and byte & 7 == 7 else -1
+            return changes, used, absolute
+        bit += size
+        changes.append(change)
+        used.append(bit)
+
+
+def _width_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per 8 bits at a group's width codes: how many codes they hold (0: an absolute one comes first), per code
+    16 plus the change in width so far and the bits used so far as byte lanes."""
+    counts, changes, used = (np.zeros(256, dtype=np.int64), np.zeros(256, dtype=np.uint64),
+                             np.zeros(256, dtype=np.uint64))
+    for byte in range(256):
+        parsed = _parse_width_codes(byte)
+        counts[byte] = len(parsed[0])
+        changes[byte] = sum((16 + sum(parsed[0][:j + 1])) << (8 * j) for j in range(len(parsed[0])))
+        used[byte] = sum(bits << (8 * j) for j, bits in enumerate(parsed[1]))
+    return counts, changes, used
+
+
+WIDTH_CODES, WIDTH_CHANGES, WIDTH_BITS_USED = _width_tables()
+_BYTES = np.uint64(0x0101010101010101)
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def group_widths(codes, width):
+    """(the 8 widths of a group as byte lanes, the last one, bits used) from the 64 bits at its width codes
+    (`codes`) after a block of width `width`: several codes per table lookup."""
+    lanes, used, j = np.uint64(0), np.uint64(0), 0
+    while j < 8:
+        byte = codes & np.uint64(255)
+        n = min(WIDTH_CODES[byte], 8 - j)
+        if n == 0:  # an absolute width: 1, 1, 1 then 4 bits
+            width = (codes >> np.uint64(3)) & np.uint64(15)
+            lanes |= width << np.uint64(8 * j)
+            codes >>= np.uint64(7)
+            used += np.uint64(7)
+            j += 1
+            continue
+        top = np.uint64(8 * (n - 1))
+        widths = WIDTH_CHANGES[byte] + (width - np.uint64(16)) * _BYTES  # lanes beyond n are dropped below
+        width = (widths >> top) & np.uint64(255)
+        step = (WIDTH_BITS_USED[byte] >> top) & np.uint64(255)
+        lanes |= (widths & (np.uint64(-1) >> np.uint64(64 - 8 * n))) << np.uint64(8 * j)
+        codes >>= step
+        used += step
+        j += n
+    return lanes, width, used
+
+
+def _lane_table(lanes: int, per_lane) -> np.ndarray:
+    """Per width 0..15 (above 8 as 8), a uint64 with per_lane(width) in each of `lanes` byte lanes."""
+    return np.array([sum(per_lane(min(w, 8)) << (8 * k) for k in range(lanes)) for w in range(16)], dtype=np.uint64)
+
+
+# per channel count (row), per width: a block's bit field as byte lanes, and what undoes the offset form in them
+LANE_MASKS = np.stack([_lane_table(2 * c, lambda w: (1 << w) - 1) for c in range(PACKED_CHANNELS + 1)])
+LANE_BIAS = np.stack([_lane_table(2 * c, lambda w: 1 << (w - 1) if 0 < w < 8 else 0)
+                      for c in range(PACKED_CHANNELS + 1)])
+LANE_HIGH = np.stack([_lane_table(2 * c, lambda w: 0x80 if 0 < w < 8 else 0) for c in range(PACKED_CHANNELS + 1)])
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def _popcount8(byte):
+    """Set bits of a byte."""
+    n = 0
+    while byte:
+        n += byte & 1
+        byte >>= 1
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def unpack_residual(payload, at, channels, plane, r):
+    """The residual planes r (channels planes of `plane` bytes) of the packed payload at payload[at:]."""
+    groups = plane // PACKED_GROUP
+    bit = (at + -(-groups // 8)) * 8
+    values = 2 * channels  # per block
+    masks, bias, high = LANE_MASKS[channels], LANE_BIAS[channels], LANE_HIGH[channels]
+    words, halves = r.view(np.uint64), r.view(np.uint16)  # a group is 2 words, a block a half word, per plane
+    half = plane // 2
+    width = np.uint64(0)
+    for g in range(groups):
+        if not (payload[at + (g >> 3)] >> (g & 7)) & 1:
+            for c in range(channels):
+                words[c * (plane // 8) + 2 * g] = 0
+                words[c * (plane // 8) + 2 * g + 1] = 0
+            continue
+        widths, width, used = group_widths(_word(payload, bit >> 3) >> np.uint64(bit & 7), width)
+        bit += np.int64(used)
+        for b in range(8 * g, 8 * g + 8):
+            w = widths & np.uint64(15)
+            widths >>= np.uint64(8)
+            u = spread_bits(_word(payload, bit >> 3) >> np.uint64(bit & 7), masks[w])
+            u = ((u | high[w]) - bias[w]) ^ high[w]  # each lane's top bit keeps the subtraction in its lane
+            halves[b] = u & np.uint64(0xFFFF)
+            if channels > 1:
+                halves[half + b] = (u >> np.uint64(16)) & np.uint64(0xFFFF)
+            if channels > 2:
+                halves[2 * half + b] = (u >> np.uint64(32)) & np.uint64(0xFFFF)
+            bit += values * np.int64(w)
+
+
+@numba.njit(cache=True, nogil=True)
+def rebuild(r, ref, has_ref, vertical, layout, dst):
+    """The frame whose residual planes against `ref` (if has_ref) are r, into dst: residual's inverse."""
     channels, height, width, channel_stride, pixel_stride = layout[0], layout[1], layout[2], layout[3], layout[4]
-    if channels == 3 and pixel_stride == 1:  # planar RGB, the DMC layout: three running sums per row
-        red = dst[:channel_stride]
-        green = dst[channel_stride:2 * channel_stride]
-        blue = dst[2 * channel_stride:3 * channel_stride]
-        for y in range(height):
-            r = np.int64(0)
-            g = np.int64(0)
-            b = np.int64(0)
-            row = y * width
-            for x in range(width):
-                src = 3 * (row + x)
-                dg = np.int64(t[src + 1])
-                r += np.int64(t[src]) + dg
-                g += dg
-                b += np.int64(t[src + 2]) + dg
-                red[row + x] = r & 255
-                green[row + x] = g & 255
-                blue[row + x] = b & 255
-    else:
-        sums = np.zeros(channels, np.int64)
-        for y in range(height):
-            sums[:] = 0
-            for x in range(width):
-                pixel = y * width + x
-                green = np.int64(t[pixel * channels + 1]) if channels == 3 else np.int64(0)
-                for c in range(channels):
-                    step = np.int64(t[pixel * channels + c])
-                    sums[c] += step + green if channels == 3 and c != 1 else step
-                    dst[c * channel_stride + pixel * pixel_stride] = sums[c] & 255
+    pixels, plane = height * width, packed_plane(layout)
+    if pixel_stride == 1:  # planar frames (DMC's): plane views, so that the loops compile to vector code
+        for c in range(channels):
+            target, change = dst[c * channel_stride:c * channel_stride + pixels], r[c * plane:c * plane + pixels]
+            green = r[plane:plane + pixels] if channels == 3 and c != 1 else r[:0]
+            before = ref[c * channel_stride:c * channel_stride + pixels]
+            if green.size:  # the colour transform undone, then the reference added, in one pass where it can be
+                for p in range(pixels):
+                    target[p] = (before[p] if has_ref and not vertical else 0) + change[p] + green[p]
+            else:
+                for p in range(pixels):
+                    target[p] = (before[p] if has_ref and not vertical else 0) + change[p]
+            if vertical:
+                for y in range(1, height):
+                    row, above = target[y * width:(y + 1) * width], target[(y - 1) * width:y * width]
+                    for x in range(width):
+                        row[x] += above[x]
+            if has_ref and vertical:
+                for p in range(pixels):
+                    target[p] += before[p]
+        return
+    up = width * pixel_stride
+    for p in range(pixels):
+        green = np.int64(r[plane + p]) if channels == 3 else np.int64(0)
+        for c in range(channels):
+            i = c * channel_stride + p * pixel_stride
+            v = np.int64(r[c * plane + p]) + (green if c != 1 else 0)
+            if vertical and p >= width:
+                v += np.int64(dst[i - up])  # the row above, still a difference
+            dst[i] = v & 255
     if has_ref:
-        for i in range(dst.shape[0]):
-            dst[i] = (dst[i] + ref[i]) & 255
+        for i in range(channels * pixels):
+            dst[i] = dst[i] + ref[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def packed_payload_error(payload, at, length, channels, plane):
+    """Why the `length` bytes at payload[at:] are not a packed payload for these planes, as a code (0: they
+    are): 1 too short for its bitmap, 2 a width code outside 0..8, 3 its bits past its end."""
+    groups = plane // PACKED_GROUP
+    bitmap = -(-groups // 8)
+    if length < bitmap + PACKED_TAIL:
+        return 1
+    end = 8 * (length - PACKED_TAIL)  # bits the stream may use
+    bit, width = 8 * bitmap, 0
+    for g in range(groups):
+        if not (payload[at + (g >> 3)] >> (g & 7)) & 1:
+            continue
+        data = 0
+        for j in range(8):
+            if bit + 7 > end + 8 * PACKED_TAIL:
+                return 3
+            x = np.int64((_word(payload, at + (bit >> 3)) >> np.uint64(bit & 7)) & np.uint64(127))
+            if not x & 1:
+                bits = 1
+            elif not x & 2:
+                width, bits = width + (-1 if x & 4 else 1), 3
+            elif not x & 4:
+                width, bits = width + (-2 if x & 8 else 2), 4
+            else:
+                width, bits = x >> 3, 7
+            if not 0 <= width <= 8:
+                return 2
+            bit += bits
+            data += 2 * channels * width
+        bit += data
+        if bit > end:
+            return 3
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,6 +463,68 @@ def _word(typingctx, array, at):
         return builder.load(builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(64).as_pointer()), align=1)
 
     return signature, codegen
+
+
+@intrinsic
+def put_word(typingctx, array, at, value):
+    """Store uint64 `value` as the 8 bytes array[at:at + 8] of a uint8 array, whatever their alignment."""
+    signature = types.void(array, types.intp, types.uint64)
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        builder.store(args[2], builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(64).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
+def _pdep(typingctx, bits, mask):
+    """BMI2's parallel bit deposit: the low bits of `bits` moved, in order, to the set bits of `mask`."""
+    signature = types.uint64(types.uint64, types.uint64)
+
+    def codegen(context, builder, sig, args):
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(64)]), "llvm.x86.bmi.pdep.64")
+        return builder.call(function, args)
+
+    return signature, codegen
+
+
+def _fast_pdep() -> bool:
+    """Whether numba compiles for an x86-64 host whose pdep takes a cycle or so (BMI2, not AMD's Zen 1 and 2, where
+    it is microcoded)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or numba.config.CPU_NAME is not None:
+        return False
+    import llvmlite.binding as llvm
+    return bool(llvm.get_host_cpu_features().get("bmi2")) and llvm.get_host_cpu_name() not in ("znver1", "znver2")
+
+
+FAST_PDEP = _fast_pdep()
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def _spread_by_pdep(bits, lane_mask):
+    return _pdep(bits, lane_mask)
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def _spread_by_shifts(bits, lane_mask):
+    width = np.uint64(0)
+    low = lane_mask & np.uint64(0xFF)
+    while low >> width:
+        width += np.uint64(1)
+    spread = np.uint64(0)
+    lane = np.uint64(0)
+    while lane < np.uint64(8) and (lane_mask >> (np.uint64(8) * lane)):
+        spread |= (bits >> (width * lane) & low) << (np.uint64(8) * lane)
+        lane += np.uint64(1)
+    return spread
+
+
+# spread_bits(bits, lane_mask): consecutive fields of w bits of `bits` into the byte lanes that lane_mask (w low
+# bits set per lane) marks; a fixed choice per host, so that numba's cache (kept per CPU) stays right
+spread_bits = _spread_by_pdep if FAST_PDEP else _spread_by_shifts
 
 
 @numba.njit(cache=True, nogil=True, inline='always')
@@ -320,19 +651,23 @@ STATE = np.dtype([
     ("head", np.int64),            # arena offset where the next payload goes
     ("wrap_end", np.int64),        # arena offset where the last payload before the head went back to 0 ends
     ("freed", np.int64),           # arena offset where the pages handed back end (they run back to the head's)
-    ("entropy_frames", np.int64),  # slots holding an entropy-coded frame
-    ("runs_pairs", np.int64),      # runs left in the encoder rows by an append that asked for an entropy trial
-    ("runs_values", np.int64),     # (their value bytes; pairs -1: the frame is not smaller as runs)
+    ("entropy_frames", np.int64),  # slots holding a packed frame
     # fixed at construction
     ("store", np.int64),           # RAW_STORE or DIFF_STORE
     ("slots", np.int64),           # index slots (RawFrames: ring slots)
     ("frame_size", np.int64),      # bytes of a frame
     ("key_interval", np.int64),
     ("anchor_interval", np.int64),
-    ("entropy_from", np.int64),    # runs of this many bytes are worth an entropy trial
+    ("entropy_from", np.int64),    # runs of this many bytes are worth packing the residual
+    ("min_saving", np.int64),      # bytes a packed payload must save on the runs
+    ("channels", np.int64),        # the frame's layout (frame_layout)
+    ("height", np.int64),
+    ("width", np.int64),
+    ("channel_stride", np.int64),
+    ("pixel_stride", np.int64),
     ("release_chunk", np.int64),   # pages go back in steps of at least this many bytes
     ("ref_row", np.int64),         # bytes of a reference row
-    ("ref_rows", np.int64),        # reference rows: copies of the key and of the last frame (entropy coding)
+    ("ref_rows", np.int64),        # reference rows: copies of the key and of the last frame (packing)
 ])
 STATE_BYTES = STATE.itemsize
 RAW_STORE, DIFF_STORE = 0, 1
@@ -387,6 +722,12 @@ def new_block(store: int, slots: int, frame_size: int, ref_row: int = 0, ref_row
 def state_record(block: np.ndarray) -> np.void:
     """The STATE record at the start of a kernel block, as a numpy view (writes go to the block)."""
     return block[:STATE_BYTES].view(STATE)[0]
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def layout_of(state):
+    """The frame layout (frame_layout's five numbers) a store's state holds."""
+    return state.channels, state.height, state.width, state.channel_stride, state.pixel_stride
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,10 +819,11 @@ def resident_arena(state: np.void, arena_bytes: int, page: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # 5. Appending a frame
 #
-# append_frame stores a frame whole in numba, or returns one of these outcomes, storing nothing, for the store's
-# own Python code to finish: pages behind the tail must go back first (madvise), or the frame's byte runs are
-# large enough for an entropy trial (zstd). The runs it encoded stay in the encoder rows for that trial.
-PAGES_BACK_FIRST, TRY_ENTROPY = -1, -2
+# append_frame stores a frame whole in numba, or returns PAGES_BACK_FIRST, storing nothing, for the store's own
+# Python code to finish: pages behind the tail must go back first (madvise).
+PAGES_BACK_FIRST = -1
+# The encoder's rows (DiffScratch.encoder, packed_bound bytes each): what they hold while a frame is encoded.
+HEADERS, VALUES, REBUILT_KEY, RESIDUAL, PACKED, PACKED_OTHER = range(6)
 Position = namedtuple("Position", "episode_pos in_span in_group ref_dist")
 
 
@@ -498,8 +840,8 @@ def next_position(state, episode_start):
 @numba.njit(cache=True, nogil=True)
 def run_reference(store, position, row):
     """The frame the next frame's runs are taken against: the anchor's raw payload for a key; else the key's copy
-    in the reference rows (stores with entropy coding) or, rebuilt in `row`, its anchor with its runs applied (or
-    its raw payload)."""
+    in the reference rows (stores that pack) or, rebuilt in `row`, its anchor with its runs applied (or its raw
+    payload)."""
     # anchors and keys stay in the arena as long as frames are appended to their span (live_payload)
     offsets, kinds, arena, slots = store.offsets, store.kinds, store.arena, store.offsets.shape[0]
     size = row.shape[0]
@@ -525,16 +867,16 @@ def place(store, first, second, kind, param, position):
     memcpy(store.arena, offset + first.size, second, 0, second.size)
     state = store.state
     slot = state.count % store.offsets.shape[0]
-    # slots no frame was stored in hold RAW: the count stays that of entropy-coded kinds among all slots
-    state.entropy_frames += np.int64(kind >= ZPREV) - np.int64(store.kinds[slot] >= ZPREV)
+    # slots no frame was stored in hold RAW: the count stays that of packed kinds among all slots
+    state.entropy_frames += np.int64(kind >= PREV_PACKED) - np.int64(store.kinds[slot] >= PREV_PACKED)
     store.offsets[slot], store.kinds[slot], store.params[slot] = offset, kind, param
     store.ref_dist[slot] = position.ref_dist
 
 
 @numba.njit(cache=True, nogil=True)
 def commit(store, frame, position):
-    """Count the frame just placed; stores with entropy coding keep a copy of it as the reference it is: a key
-    (anchors are keys too), and the previous frame."""
+    """Count the frame just placed; stores that pack keep a copy of it as the reference it is: a key (anchors are
+    keys too), and the previous frame."""
     state = store.state
     state.count += 1
     state.episode_pos = position.episode_pos
@@ -552,7 +894,7 @@ def place_runs_or_raw(store, frame, runs, rows, position):
     if pairs < 0:
         place(store, frame, frame[:0], RAW, frame.size, position)
     else:
-        place(store, rows[0, :2 * pairs], rows[1, :used], RUNS, pairs, position)
+        place(store, rows[HEADERS, :2 * pairs], rows[VALUES, :used], RUNS, pairs, position)
     commit(store, frame, position)
     return store.state.count - 1
 
@@ -564,19 +906,44 @@ def _runs_cost(frame, runs):
 
 
 @numba.njit(cache=True, nogil=True)
+def pack_frame(store, frame, reference, position, rows):
+    """The packed payload of the next frame, in its encoder row: (kind, row, bytes). Frames of a key's group
+    against the previous frame; keys against their anchor (`reference`) or alone, whichever is smaller."""
+    layout = layout_of(store.state)
+    channels, plane = layout[0], packed_plane(layout)
+    r = rows[RESIDUAL, :channels * plane]
+    if position.in_group:
+        residual(frame, store.refs[1, :frame.size], True, False, layout, r)
+        return PREV_PACKED, PACKED, pack_residual(r, channels, plane, rows[PACKED])
+    residual(frame, reference, True, True, layout, r)
+    against_anchor = pack_residual(r, channels, plane, rows[PACKED])
+    residual(frame, reference, False, True, layout, r)
+    alone = pack_residual(r, channels, plane, rows[PACKED_OTHER])
+    if against_anchor <= alone:
+        return ANCHOR_PACKED, PACKED, against_anchor
+    return ALONE_PACKED, PACKED_OTHER, alone
+
+
+@numba.njit(cache=True, nogil=True)
 def _append_diff(frame, episode_start, store, rows):
-    """append_frame for a DIFF_STORE; `rows`: the encoder's (headers, values, rebuilt key) of DiffScratch."""
+    """append_frame for a DIFF_STORE; `rows`: DiffScratch's encoder rows."""
     if _pages_behind(store, live_payload(store, 1)[1]):
         return PAGES_BACK_FIRST
-    position = next_position(store.state, episode_start)
+    state = store.state
+    position = next_position(state, episode_start)
     if position.in_span == 0:
         place(store, frame, frame[:0], RAW, frame.size, position)
         commit(store, frame, position)
-        return store.state.count - 1
-    runs = encode_runs(frame, run_reference(store, position, rows[2, :frame.size]), rows[0], rows[1])
-    if _runs_cost(frame, runs) >= store.state.entropy_from:
-        store.state.runs_pairs, store.state.runs_values = runs
-        return TRY_ENTROPY
+        return state.count - 1
+    reference = run_reference(store, position, rows[REBUILT_KEY, :frame.size])
+    runs = encode_runs(frame, reference, rows[HEADERS], rows[VALUES])
+    cost = _runs_cost(frame, runs)
+    if cost >= state.entropy_from:
+        kind, row, size = pack_frame(store, frame, reference, position, rows)
+        if size <= cost - state.min_saving:
+            place(store, rows[row, :size], frame[:0], kind, size, position)
+            commit(store, frame, position)
+            return state.count - 1
     return place_runs_or_raw(store, frame, runs, rows, position)
 
 
@@ -592,34 +959,11 @@ def _append_raw(frame, store):
 @numba.njit(cache=True, nogil=True)
 def append_frame(frame, episode_start, block, arena, rows):
     """Store `frame` (a row of uint8) as the next id of the store whose kernel_args are (block, arena, rows): that
-    id, or PAGES_BACK_FIRST or TRY_ENTROPY, storing nothing. For front ends' kernels: frames are not checked."""
+    id, or PAGES_BACK_FIRST, storing nothing. For front ends' kernels: frames are not checked."""
     store = store_views(block, arena)
     if store.state.store == RAW_STORE:
         return _append_raw(frame, store)
     return _append_diff(frame, episode_start, store, rows)
-
-
-@numba.njit(cache=True, nogil=True)
-def entropy_trial_input(frame, episode_start, block, arena, layout, out):
-    """The delta transform of the next frame for its entropy trial into `out`: against the last frame (the second
-    reference row), unless it is a key."""
-    store = store_views(block, arena)
-    position = next_position(store.state, episode_start)
-    delta_transform(frame, store.refs[1, :frame.size], position.in_group > 0, layout, out)
-
-
-@numba.njit(cache=True, nogil=True)
-def finish_entropy_trial(frame, episode_start, block, arena, rows, blob, min_saving):
-    """Store the frame an append left for an entropy trial: as the zstd `blob` if it undercuts the runs the append
-    encoded (still in `rows`) by min_saving bytes, else as those runs (or raw); its id."""
-    store = store_views(block, arena)
-    position = next_position(store.state, episode_start)
-    runs = (store.state.runs_pairs, store.state.runs_values)
-    if blob.size <= _runs_cost(frame, runs) - min_saving:
-        place(store, blob, blob[:0], ZPREV if position.in_group else ZINTRA, blob.size, position)
-        commit(store, frame, position)
-        return store.state.count - 1
-    return place_runs_or_raw(store, frame, runs, rows, position)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -633,23 +977,23 @@ def dependency(store, fid):
     """The frame that frame `fid` is decoded from, or -1 if none."""
     slot = fid % store.offsets.shape[0]
     kind = store.kinds[slot]
-    if kind == RUNS:
+    if kind == RUNS or kind == ANCHOR_PACKED:
         return fid - store.ref_dist[slot]
-    if kind == ZPREV:
+    if kind == PREV_PACKED:
         return fid - 1
     return -1
 
 
 @numba.njit(cache=True, nogil=True)
 def needs_entropy(ids, block, arena):
-    """Per id, whether decoding it involves an entropy-coded payload (its own or a reference's)."""
+    """Per id, whether decoding it involves a packed payload (its own or a reference's)."""
     store = store_views(block, arena)
     slots = store.offsets.shape[0]
     needs = np.zeros(ids.shape[0], np.bool_)
     for i in range(ids.shape[0]):
         g = ids[i]
         while g >= 0 and not needs[i]:
-            needs[i] = store.kinds[g % slots] >= ZPREV
+            needs[i] = store.kinds[g % slots] >= PREV_PACKED
             g = dependency(store, g)
     return needs
 
@@ -663,8 +1007,8 @@ def _runs_onto(store, dst, at, size, slot):
 @numba.njit(cache=True, nogil=True)
 def decode_runs(ids, order, block, arena, out):
     """Decode the frames ids[order] (order: positions of ids sorted by id) into rows of `out` (flat), for frames
-    whose references are all raw or byte runs (what floor-free tasks store): walk() specialised to chains of at
-    most two steps, a key decoded once for the frames of its group that come after it."""
+    whose references are all raw or byte runs (what floor-free tasks mostly store): walk() specialised to chains
+    of at most two steps, a key decoded once for the frames of its group that come after it."""
     store = store_views(block, arena)
     slots, offsets, kinds = store.offsets.shape[0], store.offsets, store.kinds
     size = store.state.frame_size
@@ -703,13 +1047,11 @@ def decode_runs(ids, order, block, arena, out):
 
 # The general walk: each frame walks back along its dependencies to a raw payload, a frame decoded earlier in
 # the call, or a frame with no dependency, then decodes forward from there. It remembers the last _CACHE frames it
-# decoded, in `out` or in its work rows (frames no one asked for: references). Entropy-coded payloads are
-# decompressed by Python (zstd): a dry run lists them in `jobs` (offset, bytes) in the order the real run then
-# reads them from `payloads`, one frame each.
+# decoded, in `out` or in its work rows (frames no one asked for: references).
 _CACHE = 8  # frames a walk remembers as references for the frames after them
 IN_OUT, IN_WORK, IN_ARENA = 0, 1, 2  # where a walk finds a decoded frame
 WORK_ROWS = 2  # frames a walk holds besides the requested ones: a reference and the next
-Rows = namedtuple("Rows", "out work payloads jobs")  # a walk's buffers: all flat but jobs (n, 2) int64
+Rows = namedtuple("Rows", "out work residual")  # a walk's buffers, flat: residual holds one frame's planes
 Cache = namedtuple("Cache", "ids where at cursor")  # cursor: [next entry to replace, next work row]
 
 
@@ -764,59 +1106,52 @@ def _remember(cache, fid, where, at):
 
 
 @numba.njit(cache=True, nogil=True)
-def _decode_step(store, rows, layout, g, src, dst, job):
-    """Decode frame g from its reference (location src) to location dst, each (where, at); its entropy-coded
-    payload, if any, is rows.payloads' row `job`."""
+def _decode_step(store, rows, g, src, dst):
+    """Decode frame g from its reference (location src: (where, at)) to location dst."""
     size, arena = store.state.frame_size, store.arena
     s = g % store.offsets.shape[0]
+    kind = store.kinds[s]
     source, target = _buffer(rows, arena, src[0]), _buffer(rows, arena, dst[0])
-    if store.kinds[s] == RUNS:
+    if kind == RUNS:
         memcpy(target, dst[1], source, src[1], size)
         _runs_onto(store, target, dst[1], size, s)
-    else:
-        undo_delta_transform(rows.payloads[job * size:(job + 1) * size], source[src[1]:src[1] + size],
-                             store.kinds[s] == ZPREV, target[dst[1]:dst[1] + size], layout)
+        return
+    layout = layout_of(store.state)
+    residual_planes = rows.residual[:layout[0] * packed_plane(layout)]
+    unpack_residual(arena, store.offsets[s], layout[0], packed_plane(layout), residual_planes)
+    rebuild(residual_planes, source[src[1]:src[1] + size], kind != ALONE_PACKED, kind != PREV_PACKED, layout,
+            target[dst[1]:dst[1] + size])
 
 
 @numba.njit(cache=True, nogil=True)
-def walk(ids, order, block, arena, layout, rows, dry):
-    """Decode the frames ids[order] (order: positions of ids sorted by id) into rows.out, row i for ids[i]; or, if
-    dry, only list their entropy-coded payloads in rows.jobs. The number of such payloads."""
+def walk(ids, order, block, arena, rows):
+    """Decode the frames ids[order] (order: positions of ids sorted by id) into rows.out, row i for ids[i]."""
     store = store_views(block, arena)
     size = store.state.frame_size
     cache = Cache(np.full(_CACHE, -1, np.int64), np.zeros(_CACHE, np.int64), np.zeros(_CACHE, np.int64),
                   np.zeros(2, np.int64))
     work_rows = rows.work.shape[0] // size
     chain = np.empty(store.state.key_interval + 2, np.int64)
-    jobs = 0
     previous_id, previous_at = -1, 0
     for k in range(order.shape[0]):
         i = order[k]
         fid = ids[i]
         at = i * size
         if fid == previous_id:  # stacks that overlap (obs and next_obs when nstep < frame_stack)
-            if not dry:
-                memcpy(rows.out, at, rows.out, previous_at, size)
+            memcpy(rows.out, at, rows.out, previous_at, size)
             continue
         previous_id, previous_at = fid, at
         n, base_where, base_at = _find_base(store, cache, fid, chain)
-        if n == 0 and not dry:
+        if n == 0:
             memcpy(rows.out, at, _buffer(rows, arena, base_where), base_at, size)
         for j in range(n - 1, -1, -1):
             g = chain[j]
             where, target = IN_OUT, at
             if j > 0:  # a reference nobody asked for
                 where, target = IN_WORK, _work_row(cache, size, work_rows, base_where, base_at)
-            entropy = store.kinds[g % store.offsets.shape[0]] >= ZPREV
-            if dry and entropy:
-                s = g % store.offsets.shape[0]
-                rows.jobs[jobs, 0], rows.jobs[jobs, 1] = store.offsets[s], store.params[s]
-            elif not dry:
-                _decode_step(store, rows, layout, g, (base_where, base_at), (where, target), jobs)
-            jobs += np.int64(entropy)
+            _decode_step(store, rows, g, (base_where, base_at), (where, target))
             _remember(cache, g, where, target)
             base_where, base_at = where, target
-    return jobs
 
 
 # ---------------------------------------------------------------------------------------------------------------

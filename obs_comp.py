@@ -6,11 +6,11 @@ stacks or sampling; `replay_buffer.py` and `sb3_buffers.py` build those on top. 
 keeps fewer frames than `capacity` says so with `release(before)`, and their memory goes back.
 
 Where each mechanism lives (docs/codec.md walks through them):
-  * the byte format of `full` (anchors, keys, byte runs, entropy-coded differences): kernels.py, section 1;
+  * the byte format of `full` (anchors, keys, byte runs, packed residuals): kernels.py, section 1;
   * a store's state as named fields of one kernel block: kernels.py section 3 (STATE, store_views);
   * the arena, its sizing and the pages handed back: kernels.py section 4, and _AddressSpace here;
   * appending: kernels.append_frame (section 5), finished here where it returns an outcome;
-  * decoding: kernels.decode_runs and kernels.walk (section 6), zstd here;
+  * decoding: kernels.decode_runs and kernels.walk (section 6), in threads from here;
   * policy, settings, saving and loading: RawFrames, DiffFrames and DiffScratch below.
 
 Front ends' own numba kernels append with `kernels.append_frame(frame, episode_start, *store.kernel_args)`;
@@ -21,34 +21,37 @@ Memory. Each store reserves address space for its worst case (every frame raw) u
 anonymous mapping: a page becomes resident when a payload is first written to it, and pages that
 only old frames used are handed back to the OS (madvise) as the oldest kept frame moves on. So a
 store never copies its payload to grow, and `nbytes` counts the bytes actually resident. Besides its
-payload and index, a store with entropy coding keeps copies of its current key frame and of the last
-frame; without entropy coding the encoder reads the anchor from the arena and rebuilds the key there
-into a row shared by the stores of one DiffScratch, so a store costs next to nothing before its frames.
+payload and index, a store that packs residuals keeps copies of its current key frame and of the last
+frame; without packing the encoder reads the anchor from the arena and rebuilds the key there into a
+row shared by the stores of one DiffScratch, so a store costs next to nothing before its frames.
 """
 from __future__ import annotations
 
 import math
 import mmap
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
-import zstandard
 
-from kernels import (DIFF_STORE, PAGE, PAGES_BACK_FIRST, RAW, RAW_STORE, RUNS, TRY_ENTROPY, WORK_ROWS, ZINTRA,
-                     ZPREV, Rows, append_frame, arena_extent, arena_size, decode_runs,
-                     entropy_trial_input, finish_entropy_trial, index_views, needs_entropy, new_block, pages_to_free,
-                     resident_arena, state_record, walk)
+from kernels import (ALONE_PACKED, ANCHOR_PACKED, DIFF_STORE, KINDS, PACKED_CHANNELS, PAGE, PAGES_BACK_FIRST,
+                     PREV_PACKED, RAW, RAW_STORE, RUNS, WORK_ROWS, Rows, append_frame, arena_extent, arena_size,
+                     decode_runs, index_views, needs_entropy, new_block, packed_bound, pages_to_free, resident_arena,
+                     state_record, walk)
 
 COMPRESSIONS = ("half", "full")  # the in-RAM modes every front end offers
 _UINT8 = np.dtype(np.uint8)
 _RELEASE_CHUNK = 1 << 16  # pages go back to the OS in steps of at least this many bytes
+MIN_ENTROPY_SAVING = 1024  # DiffFrames' default: bytes a packed frame must save on its byte runs
+_LAYOUT_FIELDS = ("channels", "height", "width", "channel_stride", "pixel_stride")  # kernels.STATE's frame_layout
 # Linux's default overcommit heuristic refuses a private mapping larger than RAM + swap unless it
 # asks for no reservation; the pages are still allocated (and counted) when written.
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 __all__ = ["COMPRESSIONS", "FrameStore", "RawFrames", "DiffFrames", "DiffScratch", "make_frame_store",
-           "bytes_per_step", "check_saved_arrays", "RAW", "RUNS", "ZPREV", "ZINTRA"]
+           "bytes_per_step", "check_saved_arrays", "decode_thread_count", "RAW", "RUNS", "PREV_PACKED",
+           "ANCHOR_PACKED", "ALONE_PACKED"]
 
 
 class FrameStore(Protocol):
@@ -196,41 +199,48 @@ class RawFrames:
         self.load_state_dict(pickled["state"])
 
 
+def decode_thread_count(setting: int | str) -> int:
+    """Threads a `decode_threads` setting means: an integer >= 1, or "auto", the cores this process may use."""
+    if setting == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if isinstance(setting, bool) or not isinstance(setting, (int, np.integer)) or setting < 1:
+        raise ValueError(f"decode_threads must be an integer >= 1 or 'auto', got {setting!r}")
+    return int(setting)
+
+
 class DiffScratch:
     """Work rows of DiffFrames' encoder and decoder, shared by stores of one frame size used by one thread at a time."""
 
-    def __init__(self, frame_size: int, decode_threads: int = 1):
-        if decode_threads < 1:
-            raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
+    def __init__(self, frame_size: int, decode_threads: int | str = "auto"):
         self.frame_size = frame_size
-        self.decode_threads = decode_threads
-        # encoder rows: a frame's byte runs (headers, values), and a key rebuilt from the arena (stores without entropy
-        # coding keep no copy of their key)
-        self.encoder = np.empty((3, frame_size), dtype=np.uint8)
-        self.transformed = np.empty(0, dtype=np.uint8)  # a frame before zstd: allocated by the first entropy coding
-        # per decode thread: a zstd context, then its work rows and rows of decompressed payloads, allocated by its
-        # first entropy decode (stores that hold no entropy-coded frame never need them)
-        self.decoders = [(zstandard.ZstdDecompressor(), [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)])
-                         for _ in range(decode_threads)]
-        self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="frame-decode") \
-            if decode_threads > 1 else None
+        self.decode_threads = decode_thread_count(decode_threads)
+        # encoder rows (kernels.HEADERS ...): a frame's byte runs, a key rebuilt from the arena (stores that do not
+        # pack keep no copy of their key), residual planes and two packed payloads
+        self.encoder = np.empty((6, packed_bound(frame_size)), dtype=np.uint8)
+        # per decode thread: its work rows and residual planes, allocated by its first decode of a packed frame
+        # (stores that hold none never need them)
+        self.decoders = [[np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
+                         for _ in range(self.decode_threads)]
+        self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="frame-decode") \
+            if self.decode_threads > 1 else None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every row: the encoder's, and the decoders' once they decoded entropy-coded frames."""
-        return self.encoder.nbytes + self.transformed.nbytes + self.decode_nbytes
+        """Bytes of every row: the encoder's, and the decoders' once they decoded packed frames."""
+        return self.encoder.nbytes + self.decode_nbytes
 
     @property
     def decode_nbytes(self) -> int:
-        """Bytes of the decoders' rows: work rows and the decompressed payloads of the largest entropy-coded batch
-        so far."""
-        return sum(work.nbytes + payloads.nbytes for _, (work, payloads) in self.decoders)
+        """Bytes of the decoders' rows: per thread two work frames and one frame's residual planes."""
+        return sum(work.nbytes + planes.nbytes for work, planes in self.decoders)
 
-    def transform_row(self) -> np.ndarray:
-        """The row for a frame before zstd."""
-        if self.transformed.size < self.frame_size:
-            self.transformed = np.empty(self.frame_size, dtype=np.uint8)
-        return self.transformed
+    def decoder_rows(self, thread: int) -> list[np.ndarray]:
+        """Thread `thread`'s [work rows, residual planes], allocated on first use."""
+        rows = self.decoders[thread]
+        if rows[0].size == 0:
+            rows[0] = np.empty(WORK_ROWS * self.frame_size, dtype=np.uint8)
+            rows[1] = np.empty(packed_bound(self.frame_size), dtype=np.uint8)
+        return rows
 
     def __getstate__(self) -> dict:
         return {"frame_size": self.frame_size, "decode_threads": self.decode_threads}
@@ -240,40 +250,41 @@ class DiffScratch:
 
 
 class DiffFrames:
-    """`full`: anchors raw; every other frame in the cheapest of byte runs or an entropy-coded difference.
+    """`full`: anchors raw; every other frame in the cheapest of byte runs or a packed residual.
 
     capacity: frames kept. frame_shape: shape of one frame (uint8). key_interval, anchor_interval: frames between
-    keys and between anchors within an episode (kernels.py, section 1). entropy: allow entropy-coded differences.
-    min_entropy_saving: bytes an entropy-coded frame must save on its byte runs (its decode costs time in
-    proportion to the frame where runs cost a few memcpys). zstd_level: zstd's level. decode_threads: threads
-    that decode entropy-coded frames of one batch. scratch: a DiffScratch to share with other stores.
+    keys and between anchors within an episode (kernels.py, section 1). entropy: allow packed residuals (an
+    entropy coder: a few bits per byte where the image moved). min_entropy_saving: bytes a packed frame must save
+    on its byte runs (its decode reads the whole frame where runs cost a few memcpys). decode_threads: threads
+    that decode the packed frames of one batch, or "auto" (the cores the process may use). scratch: a DiffScratch
+    to share with other stores.
     """
 
     def __init__(self, capacity: int, frame_shape: tuple[int, ...], key_interval: int, anchor_interval: int,
-                 entropy: bool = True, min_entropy_saving: int = 2048, zstd_level: int = 9, decode_threads: int = 1,
+                 entropy: bool = True, min_entropy_saving: int = MIN_ENTROPY_SAVING, decode_threads: int | str = "auto",
                  scratch: DiffScratch | None = None):
         if key_interval < 1 or anchor_interval < 1:
             raise ValueError(f"key_interval and anchor_interval must be >= 1, got {key_interval} and {anchor_interval}")
         frame_size = math.prod(frame_shape)
-        if scratch is not None and (scratch.frame_size, scratch.decode_threads) != (frame_size, decode_threads):
+        threads = decode_thread_count(decode_threads)
+        if scratch is not None and (scratch.frame_size, scratch.decode_threads) != (frame_size, threads):
             raise ValueError(f"scratch is for frames of {scratch.frame_size} bytes and {scratch.decode_threads} decode "
-                             f"threads, this store has {frame_size} and {decode_threads}")
+                             f"threads, this store has {frame_size} and {threads}")
         self.capacity = capacity
         self.frame_shape = tuple(frame_shape)
         self.key_interval = key_interval
         self.anchor_interval = anchor_interval
         self.entropy = entropy
         self.min_entropy_saving = min_entropy_saving
-        self.zstd_level = zstd_level
         self.decode_threads = decode_threads
         self.frame_size = frame_size
         self._owns_scratch = scratch is None  # a shared one is counted by whoever shares it
-        self._scratch = DiffScratch(frame_size, decode_threads) if scratch is None else scratch
-        self._layout = frame_layout(self.frame_shape)
+        self._scratch = DiffScratch(frame_size, threads) if scratch is None else scratch
+        layout = frame_layout(self.frame_shape)
         # A frame's references reach back at most anchor_interval - 1 frames, so that many extra
         # slots keep every reference of the newest `capacity` frames decodable.
         self._slots = capacity + anchor_interval - 1
-        # With entropy coding, two reference rows: copies of the group's key and of the last frame.
+        # Packing residuals takes two reference rows: copies of the group's key and of the last frame.
         self._block = new_block(DIFF_STORE, self._slots, frame_size, -(-frame_size // 8) * 8, 2 if entropy else 0)
         self._state = state_record(self._block)
         self._refs, self._offsets, self._kinds, self._params, self._ref_dist = index_views(self._block)
@@ -281,11 +292,13 @@ class DiffFrames:
                                      (np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.uint8)))
         self._space = _AddressSpace(arena_size(self._slots, frame_size, _RELEASE_CHUNK, PAGE))
         self._arena = self._space.array
-        self._compressor = zstandard.ZstdCompressor(level=zstd_level)
-        # byte runs this large are worth a zstd pass if it saves min_entropy_saving bytes
-        entropy_from = 2 * min_entropy_saving if entropy else frame_size + 1
+        # byte runs this large are worth packing the residual if it saves min_entropy_saving bytes; the packed
+        # format holds up to 3 channels and is read as little-endian words
+        packs = entropy and layout[0] <= PACKED_CHANNELS and sys.byteorder == "little"
+        entropy_from = max(2 * min_entropy_saving, 1) if packs else frame_size + 1
         for name, value in (("key_interval", key_interval), ("anchor_interval", anchor_interval),
-                            ("entropy_from", entropy_from), ("release_chunk", _RELEASE_CHUNK)):
+                            ("entropy_from", entropy_from), ("min_saving", min_entropy_saving),
+                            ("release_chunk", _RELEASE_CHUNK), *zip(_LAYOUT_FIELDS, layout.tolist())):
             self._state[name] = value  # fixed from here
         self.kernel_args = (self._block, self._arena, self._scratch.encoder)  # what append_frame takes for this store
 
@@ -295,7 +308,7 @@ class DiffFrames:
 
     @property
     def decode_scratch_nbytes(self) -> int:
-        """Bytes its scratch holds for decoding (decompressed payloads of the largest batch so far): not per frame."""
+        """Bytes its scratch holds for decoding (work rows and residual planes per thread): not per frame."""
         return self._scratch.decode_nbytes
 
     @property
@@ -322,7 +335,7 @@ class DiffFrames:
 
     @property
     def entropy_frames(self) -> int:
-        """Frames held entropy-coded."""
+        """Frames held packed."""
         return int(self._state["entropy_frames"])
 
     def append(self, frame: np.ndarray, episode_start: bool) -> int:
@@ -337,12 +350,6 @@ class DiffFrames:
             self._free_pages(evicting=True)
             outcome = append_frame(frame, episode_start, *self.kernel_args)
             assert outcome != PAGES_BACK_FIRST, "the pages behind the tail were handed back"
-        if outcome == TRY_ENTROPY:  # the runs append_frame encoded wait in the encoder rows
-            transformed = self._scratch.transform_row()
-            entropy_trial_input(frame, episode_start, self._block, self._arena, self._layout, transformed)
-            blob = np.frombuffer(self._compressor.compress(transformed), dtype=np.uint8)
-            outcome = finish_entropy_trial(frame, episode_start, self._block, self._arena, self._scratch.encoder,
-                                           blob, self.min_entropy_saving)
         return int(outcome)
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
@@ -360,12 +367,12 @@ class DiffFrames:
         if len(entropy):
             # contiguous stretches of the sorted ids, one per thread, each with its own references
             order = entropy[np.argsort(ids[entropy])]
-            parts = np.array_split(order, min(self.decode_threads, len(order)))
+            parts = np.array_split(order, min(self._scratch.decode_threads, len(order)))
             if len(parts) == 1:
-                self._decode_entropy(ids, parts[0], flat, self._scratch.decoders[0])
+                self._walk(ids, parts[0], flat, 0)
             else:
-                list(self._scratch.pool.map(self._decode_entropy, [ids] * len(parts), parts, [flat] * len(parts),
-                                            self._scratch.decoders))
+                list(self._scratch.pool.map(self._walk, [ids] * len(parts), parts, [flat] * len(parts),
+                                            range(len(parts))))
         if not out.flags.c_contiguous:
             out[:] = flat.reshape(out.shape)
 
@@ -400,7 +407,7 @@ class DiffFrames:
         held = count - first
         if not 0 <= held <= min(count, self._slots) or not 0 <= first_needed <= count:
             raise ValueError(f"saved counters {[count, episode_pos, first, first_needed]} are inconsistent")
-        # entropy coding continues from copies of the key and the last frame, which stores without it do not keep
+        # packing continues from copies of the key and the last frame, which stores that do not pack do not keep
         reference = (self.frame_size,) if self.entropy else (None,)
         if self.entropy and any(np.asarray(state[name]).size == 0 for name in ("key", "previous")):
             raise ValueError("saved key and previous frame are empty (saved by a store with entropy=False)")
@@ -408,8 +415,12 @@ class DiffFrames:
                                    "offsets": ((held,), np.int64), "kinds": ((held,), np.uint8),
                                    "params": ((held,), np.int32), "ref_dist": ((held,), np.int32),
                                    "key": (reference, np.uint8), "previous": (reference, np.uint8)})
-        if not self.entropy and np.any(np.asarray(state["kinds"]) >= ZPREV):
-            raise ValueError("saved frames include entropy-coded ones; load them into a store with entropy=True")
+        kinds = np.asarray(state["kinds"])
+        if held and kinds.max() >= KINDS:
+            raise ValueError(f"saved kinds: frame {first + int(np.argmax(kinds >= KINDS))} has kind "
+                             f"{int(kinds.max())}, kinds are 0..{KINDS - 1}")
+        if not self.entropy and np.any(kinds >= PREV_PACKED):
+            raise ValueError("saved frames include packed ones; load them into a store with entropy=True")
         live = len(state["payload_start"]) + len(state["payload_end"])
         offsets = np.asarray(state["offsets"])
         if live > self._arena.size or (held and not 0 <= offsets.min() <= offsets.max() <= live):
@@ -425,13 +436,13 @@ class DiffFrames:
         if self.entropy:
             self._key[:], self._previous[:] = state["key"], state["previous"]
         for name, value in (("count", count), ("episode_pos", episode_pos), ("first_needed", first_needed),
-                            ("head", live), ("wrap_end", 0), ("freed", 0), ("runs_pairs", 0), ("runs_values", 0),
-                            ("entropy_frames", np.count_nonzero(self._kinds >= ZPREV))):
+                            ("head", live), ("wrap_end", 0), ("freed", 0),
+                            ("entropy_frames", np.count_nonzero(self._kinds >= PREV_PACKED))):
             self._state[name] = value
 
     def __getstate__(self) -> dict:
         args = (self.capacity, self.frame_shape, self.key_interval, self.anchor_interval)
-        kwargs = dict(entropy=self.entropy, min_entropy_saving=self.min_entropy_saving, zstd_level=self.zstd_level,
+        kwargs = dict(entropy=self.entropy, min_entropy_saving=self.min_entropy_saving,
                       decode_threads=self.decode_threads)
         # a shared scratch goes along: pickle restores it shared by the stores pickled together
         return {"args": args, "kwargs": kwargs, "state": self.state_dict(),
@@ -441,21 +452,10 @@ class DiffFrames:
         self.__init__(*pickled["args"], **pickled["kwargs"], scratch=pickled.get("scratch"))
         self.load_state_dict(pickled["state"])
 
-    def _decode_entropy(self, ids: np.ndarray, order: np.ndarray, flat: np.ndarray, decoder: tuple) -> None:
-        """Decode ids[order] (sorted, some entropy-coded) into `flat` with one thread's zstd context and rows."""
-        decompressor, rows = decoder  # rows: [work rows, decompressed payloads]
-        size = self.frame_size
-        if rows[0].size == 0:
-            rows[0] = np.empty(WORK_ROWS * size, dtype=np.uint8)
-        jobs = np.empty((len(order) * (self.key_interval + 2), 2), dtype=np.int64)
-        count = walk(ids, order, self._block, self._arena, self._layout, Rows(flat, rows[0], rows[1], jobs), True)
-        if rows[1].size < count * size:
-            rows[1] = np.empty(count * size, dtype=np.uint8)
-        payloads = rows[1]
-        for j, (offset, length) in enumerate(jobs[:count].tolist()):  # zstd releases the GIL while it works
-            payloads[j * size:(j + 1) * size] = np.frombuffer(
-                decompressor.decompress(self._arena[offset:offset + length]), dtype=np.uint8)
-        walk(ids, order, self._block, self._arena, self._layout, Rows(flat, rows[0], payloads, jobs), False)
+    def _walk(self, ids: np.ndarray, order: np.ndarray, flat: np.ndarray, thread: int) -> None:
+        """Decode ids[order] (sorted, some packed) into `flat` with decode thread `thread`'s rows."""
+        work, planes = self._scratch.decoder_rows(thread)
+        walk(ids, order, self._block, self._arena, Rows(flat, work, planes))
 
     def _config(self) -> list[int]:
         return [self.capacity, self.frame_size, self.key_interval, self.anchor_interval]

@@ -47,7 +47,7 @@ class ReplayBuffer:
         self._discount = np.float32(discount)
         self._layout = StackLayout(obs_shape, frame_stack)
         self._frame_shape = self._layout.frame_shape
-        # full_options (entropy, min_entropy_saving, decode_threads, zstd_level) tune obs_comp.DiffFrames
+        # full_options (entropy, min_entropy_saving, decode_threads) tune obs_comp.DiffFrames
         self._frames = make_frame_store(compression, capacity, self._frame_shape,
                                         key_interval, anchor_interval, **full_options)
         self._action = np.zeros((capacity, *action_shape), dtype=np.float32)

@@ -45,7 +45,7 @@ from kernels import append_frame
 from obs_comp import COMPRESSIONS, DiffScratch, bytes_per_step, make_frame_store
 
 # full's codec on Atari frames (bench/table2.py --sweep on the ten games of Table II): byte runs only, as
-# obs_comp's entropy-coded differences save little on most games and slow sampling down where they kick in
+# obs_comp's entropy-coded differences (zstd when that sweep ran) saved little on most games and slowed sampling
 KEY_INTERVAL, ANCHOR_INTERVAL = 3, 200
 FULL_OPTIONS = {"entropy": False}
 _RELEASE_EVERY = 16  # steps between releases of a full replay ring's oldest frames
@@ -180,7 +180,7 @@ class FrameStreams:
         self.layout, self.n_envs = layout, n_envs
         self.batch_shape = (n_envs, *layout.obs_shape)
         # the envs' stores are used one at a time: one set of encoder and decoder rows serves them all
-        self.scratch = DiffScratch(layout.frame_size, full_options.get("decode_threads", 1)) \
+        self.scratch = DiffScratch(layout.frame_size, full_options.get("decode_threads", "auto")) \
             if compression == "full" else None
         shared = {} if self.scratch is None else {"scratch": self.scratch}
         self.new_store = functools.partial(make_frame_store, compression, frames_per_env, layout.frame_shape,

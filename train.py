@@ -39,8 +39,11 @@ def validate_config(cfg: DictConfig) -> None:
                             f'>= frame_stack + nstep = {needed}')
     for key in ('key_interval', 'anchor_interval', 'decode_threads'):
         value = cfg.compression.get(key, 1)
+        if key == 'decode_threads' and value == 'auto':
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f'compression.{key}={value!r} is invalid; allowed: an integer >= 1')
+            allowed = 'an integer >= 1' + (" or 'auto'" if key == 'decode_threads' else '')
+            problems.append(f'compression.{key}={value!r} is invalid; allowed: {allowed}')
     try:
         envs.check_task(cfg.task.name, floor=cfg.floor)
     except ValueError as error:

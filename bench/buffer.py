@@ -12,8 +12,8 @@ machine. Compression is against DrQ-v2's base of 9x84x84 bytes per stored step.
 Per task and setting:
   * main table: `half`, and `full` with its defaults;
   * frontier: `full` with one setting changed from its defaults (key_interval, min_entropy_saving,
-    zstd_level, decode_threads), and with byte runs only (entropy=False, the format before
-    entropy-coded differences): compression against sample time;
+    decode_threads), and with byte runs only (entropy=False: no packed residuals): compression
+    against sample time;
   * references on the same frames (sizes only, except zstd's decode time): zstd of each frame,
     zstd of the byte difference to the previous frame, lzma over the whole difference stream (no
     random access), x264 in lossless mode with a key frame every 4 and every 250 frames (when the
@@ -40,6 +40,7 @@ import zstandard
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from envs import make  # noqa: E402  (sets MUJOCO_GL before dm_control loads)
+from kernels import KINDS, PREV_PACKED  # noqa: E402
 from replay_buffer import ReplayBuffer  # noqa: E402
 
 FRAME_STACK, NSTEP, IMAGE = 3, 3, 84
@@ -218,7 +219,6 @@ def frontier_configs(args: argparse.Namespace) -> dict:
     configs = {"full": {}, "full, byte runs only": dict(entropy=False)}
     configs.update({f"full key_interval={k}": dict(key_interval=k) for k in args.key_intervals})
     configs.update({f"full min_entropy_saving={b}": dict(min_entropy_saving=b) for b in args.min_entropy_savings})
-    configs.update({f"full zstd_level={level}": dict(zstd_level=level) for level in args.zstd_levels})
     configs.update({f"full decode_threads={n}": dict(decode_threads=n) for n in args.decode_threads})
     return configs
 
@@ -271,12 +271,12 @@ def bench_task(task: str, setting: str, args: argparse.Namespace) -> dict:
     rows = []
     for name, (buf, add_us) in buffers.items():
         store = buf._frames
-        # decompressed payloads of the last batch: memory whatever the capacity, reported on its own
+        # decode rows (per thread: two work frames, one frame's residual planes): in nbytes, shown on their own
         scratch = store.decode_scratch_nbytes if name != "half" else 0
-        kinds = np.bincount(store._kinds[:len(buf)], minlength=4) if name != "half" else None
-        rows.append(dict(config=name, bytes_per_step=(buf.nbytes - scratch) / len(buf), scratch_mb=scratch / 1e6,
+        kinds = np.bincount(store._kinds[:len(buf)], minlength=KINDS) if name != "half" else None
+        rows.append(dict(config=name, bytes_per_step=buf.nbytes / len(buf), scratch_mb=scratch / 1e6,
                          add_us=add_us, sample_ms=sample_ms[name],
-                         entropy_share=None if kinds is None else (kinds[2] + kinds[3]) / len(buf)))
+                         entropy_share=None if kinds is None else kinds[PREV_PACKED:].sum() / len(buf)))
     cache: dict = {}
     result = dict(task=task, setting=setting, steps=len(steps), rows=rows, gather_ms=sample_ms["numpy gather"],
                   references=codec_references(frames, first, channels, cache))
@@ -298,9 +298,8 @@ def print_task(result: dict) -> None:
         print(f"{row['config']:32} {row['bytes_per_step']:7.0f} {BASE_BYTES_PER_STEP / row['bytes_per_step']:5.1f}x "
               f"{row['add_us']:7.1f} {row['sample_ms']:9.2f} {row['sample_ms'] / half_ms:7.2f} {share:>7} "
               f"{row['scratch_mb']:10.1f}")
-    print("B/step: every byte the buffer holds over the steps stored, except the decode scratch (decompressed "
-          "entropy-coded frames of one batch), whose size does not grow with the capacity; entropy: share of "
-          "frames stored as entropy-coded differences")
+    print("B/step: every byte the buffer holds over the steps stored, decode scratch included (scratch MB: its "
+          "decode rows, which do not grow with the capacity); entropy: share of frames stored as packed residuals")
     refs = result["references"]
     print("references (frame bytes per step, then the ratio against the base as if nothing else were stored):")
     for name, value in refs.items():
@@ -332,11 +331,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--key-intervals", type=int, nargs="*", default=[2, 8],
                         help="key_interval values of the frontier (default 4)")
-    parser.add_argument("--min-entropy-savings", type=int, nargs="*", default=[512, 8192],
-                        help="min_entropy_saving values (bytes) of the frontier (default 2048)")
-    parser.add_argument("--zstd-levels", type=int, nargs="*", default=[3], help="zstd_level values of the frontier (default 9)")
-    parser.add_argument("--decode-threads", type=int, nargs="*", default=[2],
-                        help="decode_threads values of the frontier (default 1)")
+    parser.add_argument("--min-entropy-savings", type=int, nargs="*", default=[0, 256, 4096],
+                        help="min_entropy_saving values (bytes) of the frontier (default 1024)")
+    parser.add_argument("--decode-threads", type=int, nargs="*", default=[1],
+                        help="decode_threads values of the frontier (default auto: the cores the process may use)")
     parser.add_argument("--sweep-key-intervals", type=int, nargs="+", default=[4, 3, 6, 8, 12],
                         help="K values of the format sweep")
     parser.add_argument("--anchor-intervals", type=int, nargs="+", default=[100, 50, 250],

@@ -16,7 +16,7 @@ CASES = {
     "gray-full-wrap": ("gray", "full", 9, 2, 10, {"min_entropy_saving": 0}),
     "rgb-full": ("rgb", "full", 64, 4, 100, {}),
     "rgb-full-runs": ("rgb", "full", 64, 4, 100, {"entropy": False}),
-    "rgb-full-wrap": ("rgb", "full", 11, 3, 7, {"min_entropy_saving": 0, "zstd_level": 3}),
+    "rgb-full-wrap": ("rgb", "full", 11, 3, 7, {"min_entropy_saving": 0}),
     "atari-full": ("atari", "full", 64, 3, 200, {"entropy": False}),
     "atari-full-wrap": ("atari", "full", 7, 3, 200, {"entropy": False}),
     "atari-half": ("atari", "half", 16, 3, 200, {}),
@@ -26,10 +26,10 @@ DIGESTS = {
     "atari-full-wrap": "1a218434d98dc0e1f9464e46d855de90ae31c8504f8a6dd6e925b991f4b033cd",
     "atari-half": "c7824472feed9b04c1498a24d9cd0e6de41514d2604a93ed7513b3cdac32e610",
     "gray-full": "237d7c7289567cd8c27d6a0c66334b56973839a82b6bdade8df5f0dc8878ea7c",
-    "gray-full-wrap": "b9539ec835d9ce7eca80353f25fb9bfdd275d1412684f28beb8ddf150acbdb4c",
-    "rgb-full": "d2942962b449cc3c8accce75e397296775f1b41a3600084dcbdd31f1ab1f9682",
+    "gray-full-wrap": "7c1ca940afaa74b5110fbcefa994e83a9ba4d5963e4fd8588f701c3490fa2f39",
+    "rgb-full": "1b0ed57ead640e94bcbb74325040bde6e2f93f504f8cfdd84ca3be4be85fd234",
     "rgb-full-runs": "2b36166104c4c809b23db17a02fa2f33aa84826b7ab9d0b64a6f83256fb7e3c3",
-    "rgb-full-wrap": "1f4b42d91fbb37e757b9aa90f0a012caf3548fd3d283772d5435419a9ae95311",
+    "rgb-full-wrap": "a02483f48ecb54c8c34e1fef4ba597fe30c0ee2adf4ffe03b0488631d3e6d285",
 }
 
 

@@ -420,7 +420,7 @@ def rendered_floor_frames():
     return np.stack(frames), starts
 
 
-@pytest.mark.parametrize("decode_threads", [1, 3])
+@pytest.mark.parametrize("decode_threads", [1, 3, "auto"])
 def test_full_picks_entropy_coded_differences_on_rendered_floor_frames(rendered_floor_frames, decode_threads):
     frames, starts = rendered_floor_frames
     stores = {name: DiffFrames(40, frames.shape[1:], key_interval=4, anchor_interval=100,
@@ -429,16 +429,16 @@ def test_full_picks_entropy_coded_differences_on_rendered_floor_frames(rendered_
     for frame, start in zip(frames, starts):
         for store in stores.values():
             store.append(frame, episode_start=start)
-    kinds = np.bincount(stores["default"]._kinds[:40], minlength=4)
-    assert kinds[obs_comp.ZPREV] > 0 and kinds[obs_comp.ZINTRA] > 0  # the floor makes byte runs large
+    kinds = np.bincount(stores["default"]._kinds[:40], minlength=kernels.KINDS)
+    assert kinds[obs_comp.PREV_PACKED] > 0 and kinds[obs_comp.ANCHOR_PACKED] > 0  # the floor makes runs large
     assert stores["default"].payload_bytes < 0.75 * stores["runs"].payload_bytes
     ids = np.random.default_rng(1).choice(np.arange(len(frames) - 40, len(frames)), size=90)
     for store in stores.values():
         out = np.empty((len(ids), frames[0].size), dtype=np.uint8)
         store.decode(ids, out)
         np.testing.assert_array_equal(out, frames[ids].reshape(len(ids), -1))
-    # a store without entropy coding continues from frames it can rebuild: it refuses entropy-coded ones
-    with pytest.raises(ValueError, match="entropy-coded"):
+    # a store that does not pack continues from frames it can rebuild: it refuses packed ones
+    with pytest.raises(ValueError, match="include packed ones"):
         stores["runs"].load_state_dict(stores["default"].state_dict())
     out = np.empty((len(ids), frames[0].size), dtype=np.uint8)
     stores["runs"].decode(ids, out)  # and keeps what it held
@@ -450,7 +450,7 @@ def test_full_picks_entropy_coded_differences_on_rendered_floor_frames(rendered_
        anchor_interval=st.integers(1, 12), data=st.data())
 def test_decode_runs_decodes_exactly_what_the_general_walk_decodes(stream, capacity, key_interval, anchor_interval,
                                                                     data):
-    # decode_runs is walk specialised to stores without entropy-coded frames: both must write the same rows
+    # decode_runs is walk specialised to stores without packed frames: both must write the same rows
     shape, frames, starts, rng = stream
     store = DiffFrames(capacity, shape, key_interval, anchor_interval, entropy=False)
     for frame, start in zip(frames, starts):
@@ -461,8 +461,7 @@ def test_decode_runs_decodes_exactly_what_the_general_walk_decodes(stream, capac
     size = frames[0].size
     by_runs, by_walk = np.empty(len(ids) * size, np.uint8), np.empty(len(ids) * size, np.uint8)
     kernels.decode_runs(ids, order, store._block, store._arena, by_runs)
-    work, jobs = np.empty(kernels.WORK_ROWS * size, np.uint8), np.empty((len(ids) * (key_interval + 2), 2), np.int64)
-    assert kernels.walk(ids, order, store._block, store._arena, store._layout,
-                        kernels.Rows(by_walk, work, work[:0], jobs), False) == 0
+    work = np.empty(kernels.WORK_ROWS * size, np.uint8)
+    kernels.walk(ids, order, store._block, store._arena, kernels.Rows(by_walk, work, work[:0]))
     np.testing.assert_array_equal(by_runs, by_walk)
     np.testing.assert_array_equal(by_runs.reshape(len(ids), -1), frames[ids].reshape(len(ids), -1))
