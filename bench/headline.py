@@ -68,10 +68,10 @@ def dmc_standard(rows: list[dict]) -> str:
 
 
 def atari(rows: list[dict]) -> str:
-    """Table II's averages and per-game ranges: MB, compression and FPS against SB3's own buffer."""
+    """Table II's averages and per-game ranges: MB, compression against the paper's base, FPS against SB3's buffer."""
     algo_key = {"PPO": "ppo", "QR-DQN": "qrdqn"}
-    lines = ["| algorithm | MB (mean of 10 games): ours / paper | vs SB3's buffer, mean: ours / paper "
-             "| vs SB3's buffer, range over games: ours / paper | FPS / SB3's: ours / paper |",
+    lines = ["| algorithm | MB (mean of 10 games): ours / paper | vs base, mean: ours / paper "
+             "| vs base, range over games: ours / paper | FPS / with SB3's buffer: ours / paper |",
              "|---|---:|---:|---:|---:|"]
     for label, key in algo_key.items():
         games = [row for row in rows if row["alg"] == label and row["env"] != "AVG"]
