@@ -30,3 +30,10 @@ def test_empty_results_file_is_a_clear_error(tmp_path):
     (tmp_path / "table1_cpu.csv").write_text("comp_type,env\n")
     with pytest.raises(ValueError, match="table1_cpu.csv: no rows"):
         headline.main(["--results", str(tmp_path)])
+
+
+def test_readme_tables_are_the_ones_headline_prints(capsys):
+    headline.main(["--results", str(RESULTS)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    readme = (RESULTS.parents[1] / "README.md").read_text().splitlines()
+    assert [line for line in rows if line not in readme] == []
