@@ -377,12 +377,23 @@ def store_views(block, arena):
 def new_block(store: int, slots: int, frame_size: int, ref_row: int = 0, ref_rows: int = 0) -> np.ndarray:
     """A zeroed kernel block of a store of kind `store` (RAW_STORE or DIFF_STORE) with its fixed fields set."""
     size = STATE_BYTES if store == RAW_STORE else int(_block_sections(slots, ref_row, ref_rows)[-1])
-    block = np.zeros(size, dtype=np.uint8)
+    block = _zeroed_pages(size)
     state = state_record(block)
     for name, value in (("store", store), ("slots", slots), ("frame_size", frame_size), ("ref_row", ref_row),
                         ("ref_rows", ref_rows)):
         state[name] = value
     return block
+
+
+def _zeroed_pages(size: int) -> np.ndarray:
+    """`size` zero bytes in their own anonymous mapping, a page resident once written and never a huge page.
+
+    numpy asks for transparent huge pages for arrays of 4 MiB or more: an index block would then go resident 2 MiB
+    per section at its first entries, where nbytes counts the entries used."""
+    mapping = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux, also where THP is "always"
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mapping, dtype=np.uint8)[:size]
 
 
 def state_record(block: np.ndarray) -> np.void:
