@@ -502,11 +502,11 @@ def _check_config(mode: str, state: dict[str, np.ndarray], config: list[int]) ->
 
 _INDEX_PROBLEMS = {  # check_index's problems: the saved array at fault, and what is wrong with its entry
     kernels.BAD_KIND: ("kinds", "is not a kind its frame may have there"),
-    kernels.BAD_REF_DIST: ("ref_dist", "is not the reference of a frame at its place (or its references are not saved)"),
+    kernels.BAD_REF_DIST: ("ref_dist", "is not the reference of a frame at its place, or its references are "
+                           "not saved"),
     kernels.BAD_OFFSET: ("offsets", "is not where the previous frame's payload ends"),
-    kernels.BAD_PAYLOAD: ("params", "with its kind, offset and run headers does not describe a payload inside the frame "
-                          "and the saved payload"),
-    kernels.BAD_TILING: ("payload_start", "the payloads do not fill the saved payload exactly"),
+    kernels.BAD_PAYLOAD: ("params", "with its kind, offset and run headers does not describe a payload inside "
+                          "the frame and the saved payload"),
     kernels.BAD_COUNTERS: ("counters", "does not match the saved frames"),
 }
 
@@ -517,10 +517,13 @@ def _check_index(state: dict[str, np.ndarray], config: list[int], slots: int) ->
     arrays = [np.ascontiguousarray(state[name]) for name in ("payload_start", "payload_end", "offsets", "kinds",
                                                               "params", "ref_dist", "counters")]
     problem, entry = check_index(*arrays, np.array(config, dtype=np.int64), slots)
+    if problem == kernels.BAD_TILING:
+        raise ValueError("saved payload_start and payload_end do not hold exactly the saved frames' payloads: "
+                         "the state is damaged or not from this code")
     if problem != kernels.INDEX_OK:
         name, what = _INDEX_PROBLEMS[problem]
-        value = np.asarray(state[name])[entry] if 0 <= entry < np.asarray(state[name]).size else None
-        raise ValueError(f"saved {name}[{entry}] ({value}) {what}: the state is damaged or not from this code")
+        raise ValueError(f"saved {name}[{entry}] ({np.asarray(state[name])[entry]}) {what}: the state is damaged "
+                         "or not from this code")
 
 
 def check_decode(ids: np.ndarray, out: np.ndarray, first: int, count: int, frame_size: int) -> np.ndarray:

@@ -269,7 +269,8 @@ def test_member_spliced_in_from_another_snapshot_of_the_same_settings_is_refused
 # Fuzzing: saved replay states of `half` and `full` with one integer (or one run header) changed, written as
 # snapshots with valid CRCs and digest, loaded and sampled in a subprocess that must not die by a signal. A state
 # that loads must decode exactly what a naive decoder of the changed arrays decodes.
-FUZZ_MODES = {'half': ('half', {}), 'runs': ('full', {'entropy': False}), 'entropy': ('full', {'min_entropy_saving': 0})}
+FUZZ_MODES = {'half': ('half', {}), 'runs': ('full', {'entropy': False}),
+              'entropy': ('full', {'min_entropy_saving': 0})}
 FUZZ_SHAPE = (1, 16, 16)
 
 
