@@ -11,6 +11,7 @@ Sections, in reading order:
   5. Appending a frame, and the outcome that hands the rest to Python.
   6. Decoding: batches of byte-run frames, and the general walk along references.
   7. Frame stacks: how a stack follows the previous one, and the frame ids of stacks.
+  8. Validation: a saved state checked against the format, one function per payload kind and one for the index.
 """
 from __future__ import annotations
 
@@ -429,7 +430,7 @@ def packed_payload_error(payload, at, length, channels, plane):
             continue
         data = 0
         for j in range(8):
-            if bit + 7 > end + 8 * PACKED_TAIL:
+            if (bit >> 3) + 8 > length:  # a code's word must lie inside the payload
                 return 3
             x = np.int64((_word(payload, at + (bit >> 3)) >> np.uint64(bit & 7)) & np.uint64(127))
             if not x & 1:
@@ -711,12 +712,23 @@ def store_views(block, arena):
 def new_block(store: int, slots: int, frame_size: int, ref_row: int = 0, ref_rows: int = 0) -> np.ndarray:
     """A zeroed kernel block of a store of kind `store` (RAW_STORE or DIFF_STORE) with its fixed fields set."""
     size = STATE_BYTES if store == RAW_STORE else int(_block_sections(slots, ref_row, ref_rows)[-1])
-    block = np.zeros(size, dtype=np.uint8)
+    block = _zeroed_pages(size)
     state = state_record(block)
     for name, value in (("store", store), ("slots", slots), ("frame_size", frame_size), ("ref_row", ref_row),
                         ("ref_rows", ref_rows)):
         state[name] = value
     return block
+
+
+def _zeroed_pages(size: int) -> np.ndarray:
+    """`size` zero bytes in their own anonymous mapping, a page resident once written and never a huge page.
+
+    numpy asks for transparent huge pages for arrays of 4 MiB or more: an index block would then go resident 2 MiB
+    per section at its first entries, where nbytes counts the entries used."""
+    mapping = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux, also where THP is "always"
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mapping, dtype=np.uint8)[:size]
 
 
 def state_record(block: np.ndarray) -> np.void:
@@ -940,7 +952,7 @@ def _append_diff(frame, episode_start, store, rows):
     cost = _runs_cost(frame, runs)
     if cost >= state.entropy_from:
         kind, row, size = pack_frame(store, frame, reference, position, rows)
-        if size <= cost - state.min_saving:
+        if size <= cost - state.min_saving and size <= frame.size:  # the arena holds a frame per payload
             place(store, rows[row, :size], frame[:0], kind, size, position)
             commit(store, frame, position)
             return state.count - 1
@@ -1228,3 +1240,146 @@ def zero_padding(out, newest, first, zero_padded):
         if zero_padded[m]:
             for k in range(frame_stack - 1 - (newest[m] - first[m])):
                 out[m, k, :] = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Validation
+#
+# A saved state (a snapshot or a pickle from elsewhere) is checked against the format before a store takes it:
+# every index entry and payload a kernel above would read must be one the encoder could have written, so that no
+# decode or append reads or writes outside the arena, the index or a frame. A saved `full` state holds the frames
+# from `first` to `count` (index entry i is frame first + i) and their payloads, rebased to start at 0, tiling the
+# saved payload (two parts, `start` then `end`) in frame order, each reserving at least one byte as _reserve does.
+# One function per payload kind gives the bytes of a payload it accepts, or -1; check_index checks the index and
+# calls them. check_index's problems, reported as (problem, entry), name the array at fault and its first bad entry:
+INDEX_OK, BAD_KIND, BAD_REF_DIST, BAD_OFFSET, BAD_PAYLOAD, BAD_TILING, BAD_COUNTERS = range(7)
+
+
+@numba.njit(cache=True, nogil=True, inline='always')
+def _saved_byte(start, end, at):
+    """Byte `at` of a saved payload held as two parts."""
+    return start[at] if at < start.shape[0] else end[at - start.shape[0]]
+
+
+@numba.njit(cache=True, nogil=True)
+def raw_payload_bytes(start, end, offset, param, frame_size):
+    """Bytes of a RAW payload at `offset`: a whole frame inside the saved payload (param frame_size), or -1."""
+    if param != frame_size or offset < 0 or offset + frame_size > start.shape[0] + end.shape[0]:
+        return -1
+    return frame_size
+
+
+@numba.njit(cache=True, nogil=True)
+def runs_payload_bytes(start, end, offset, pairs, frame_size):
+    """Bytes of a RUNS payload at `offset`: `pairs` run headers and their values inside the saved payload, runs
+    ending inside the frame, fewer bytes than the frame (as encode_runs writes them), or -1."""
+    live = start.shape[0] + end.shape[0]
+    if pairs < 0 or offset < 0 or offset + 2 * pairs > live:
+        return -1
+    reach = 0  # where apply_runs' last write ends, from the frame's start
+    values = 0
+    for p in range(pairs):
+        length = np.int64(_saved_byte(start, end, offset + 2 * p + 1))
+        reach += np.int64(_saved_byte(start, end, offset + 2 * p)) + length
+        values += length
+    size = 2 * pairs + values
+    if reach > frame_size or size >= frame_size or offset + size > live:
+        return -1
+    return size
+
+
+@numba.njit(cache=True, nogil=True)
+def packed_payload_bytes(start, end, offset, param, frame_size, layout):
+    """Bytes of a *_PACKED payload at `offset`: `param` bytes inside one part of the saved payload, at most a
+    frame's (what the arena is sized for), that packed_payload_error accepts for this layout, or -1."""
+    if layout[0] > PACKED_CHANNELS or param < 1 or param > frame_size or offset < 0:
+        return -1
+    payload, at = (start, offset) if offset + param <= start.shape[0] else (end, offset - start.shape[0])
+    if at < 0 or at + param > payload.shape[0]:
+        return -1
+    return param if packed_payload_error(payload, at, param, layout[0], packed_plane(layout)) == 0 else -1
+
+
+@numba.njit(cache=True, nogil=True)
+def payload_bytes(kind, start, end, offset, param, frame_size, layout):
+    """Bytes of the payload of a frame of `kind` at `offset` as its kind's function accepts it, or -1."""
+    if kind == RAW:
+        return raw_payload_bytes(start, end, offset, param, frame_size)
+    if kind == RUNS:
+        return runs_payload_bytes(start, end, offset, param, frame_size)
+    return packed_payload_bytes(start, end, offset, param, frame_size, layout)
+
+
+@numba.njit(cache=True, nogil=True)
+def _span_place(ref_dist, key_interval, anchor_interval):
+    """What a frame's ref_dist says it is: 0 an anchor, 1 a key, 2 another frame of a group, -1 nothing."""
+    if ref_dist == 0:
+        return 0
+    if 0 < ref_dist < min(key_interval, anchor_interval):
+        return 2
+    if key_interval <= ref_dist < anchor_interval and ref_dist % key_interval == 0:
+        return 1
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def check_index(start, end, offsets, kinds, params, ref_dist, counters, config, slots, layout):
+    """(INDEX_OK, -1) if a saved `full` index describes frames as the encoder writes them, else (problem, first bad
+    entry): each frame's kind allowed at its place in its span (anchors RAW, only keys ANCHOR_PACKED and
+    ALONE_PACKED, only other frames PREV_PACKED), ref_dist consistent from frame to frame, every reference of a frame that decode() accepts held, payloads
+    valid for their kind tiling the saved payload, and counters that make the store keep exactly these frames and
+    continue the last one's span. counters: count, episode_pos, first, first_needed; config: capacity, frame bytes,
+    key and anchor intervals."""
+    count, episode_pos, first, first_needed = counters[0], counters[1], counters[2], counters[3]
+    capacity, frame_size, key_interval, anchor_interval = config[0], config[1], config[2], config[3]
+    held = count - first
+    decodable_from = max(count - capacity, first_needed)  # decode() takes ids from here on
+    span = np.full(held, -1, np.int64)  # each frame's position in its anchor's span, -1 where unknown
+    whole = np.zeros(held, np.bool_)  # whether every frame it is decoded from is held
+    at = 0  # where the next payload must start
+    for i in range(held):
+        kind, r = kinds[i], np.int64(ref_dist[i])
+        place = _span_place(r, key_interval, anchor_interval)
+        if place < 0:
+            return BAD_REF_DIST, i
+        if kind >= KINDS or (place == 0 and kind != RAW) or (place == 1 and kind == PREV_PACKED) or (
+                place == 2 and kind >= ANCHOR_PACKED):
+            return BAD_KIND, i
+        if place == 0:
+            span[i], whole[i] = 0, True
+        elif i - r >= 0:  # its run reference is held: the anchor of a key, or the key (or anchor) of a group
+            reference = _span_place(np.int64(ref_dist[i - r]), key_interval, anchor_interval)
+            if reference == 2 or (place == 1 and reference != 0):
+                return BAD_REF_DIST, i
+            span[i], whole[i] = span[i - r] + r, whole[i - r]
+        elif place == 1:
+            span[i] = r
+        if span[i] >= anchor_interval or (i > 0 and span[i] > 0 and (span[i - 1] >= 0 or whole[i])
+                                          and span[i - 1] != span[i] - 1):
+            return BAD_REF_DIST, i
+        if not whole[i] and first + i >= decodable_from:
+            return BAD_REF_DIST, i
+        if offsets[i] != at:
+            return BAD_OFFSET, i
+        size = payload_bytes(kind, start, end, offsets[i], np.int64(params[i]), frame_size, layout)
+        if size < 0:
+            return BAD_PAYLOAD, i
+        at += max(size, 1)
+    if at != start.shape[0] + end.shape[0]:
+        return BAD_TILING, held
+    if held == 0:
+        return (INDEX_OK, -1) if count == 0 else (BAD_COUNTERS, 2)
+    # the store keeps the frames it was saved with (live_payload's first), and its next append continues the last
+    # frame's span from an anchor and key that are held
+    kept_from = max(count - slots, 0)
+    if first_needed > kept_from:
+        kept = min(first_needed, count - 1) - first
+        if kept < 0 or kept - ref_dist[kept] < 0 or kept - ref_dist[kept] - ref_dist[kept - ref_dist[kept]] < 0:
+            return BAD_COUNTERS, 3
+        reference = kept - ref_dist[kept]
+        kept_from = max(kept_from, first + reference - ref_dist[reference])
+    if kept_from != first:
+        return BAD_COUNTERS, 2
+    if not whole[held - 1] or not 0 <= episode_pos < count or episode_pos % anchor_interval != span[held - 1]:
+        return BAD_COUNTERS, 1
+    return INDEX_OK, -1

@@ -31,15 +31,17 @@ import math
 import mmap
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
 
+import kernels
 from kernels import (ALONE_PACKED, ANCHOR_PACKED, DIFF_STORE, KINDS, PACKED_CHANNELS, PAGE, PAGES_BACK_FIRST,
                      PREV_PACKED, RAW, RAW_STORE, RUNS, WORK_ROWS, Rows, append_frame, arena_extent, arena_size,
-                     decode_runs, index_views, needs_entropy, new_block, packed_bound, pages_to_free, resident_arena,
-                     state_record, walk)
+                     check_index, decode_runs, index_views, needs_entropy, new_block, packed_bound, pages_to_free,
+                     resident_arena, state_record, walk)
 
 COMPRESSIONS = ("half", "full")  # the in-RAM modes every front end offers
 _UINT8 = np.dtype(np.uint8)
@@ -161,7 +163,8 @@ class RawFrames:
         return outcome
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
-        """Write the frames `ids` (M,) into `out` (M, C*H*W) uint8."""
+        """Write the frames `ids` (M,) into `out` (M, C*H*W) uint8; ValueError for ids not held or a bad `out`."""
+        ids = check_decode(ids, out, max(self.count - self.capacity, self._first_needed), self.count, self.frame_size)
         # mode='wrap' maps ids to ring slots, and unlike the default mode it writes `out` unbuffered
         np.take(self._frames, ids, axis=0, out=out, mode="wrap")
 
@@ -185,7 +188,10 @@ class RawFrames:
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore what state_dict saved into this (empty or not) store of the same configuration."""
         _check_config("half", state, [self.capacity, self.frame_size])
+        check_saved_arrays(state, {"counters": ((2,), np.int64)})
         count, first_needed = (int(x) for x in state["counters"])
+        if not 0 <= first_needed <= count:
+            raise ValueError(f"saved counters {[count, first_needed]} (frames appended, first needed) are inconsistent")
         check_saved_arrays(state, {"frames": ((min(count, self.capacity), self.frame_size), np.uint8)})
         frames = np.asarray(state["frames"])
         self._frames[:len(frames)] = frames
@@ -209,7 +215,11 @@ def decode_thread_count(setting: int | str) -> int:
 
 
 class DiffScratch:
-    """Work rows of DiffFrames' encoder and decoder, shared by stores of one frame size used by one thread at a time."""
+    """Work rows of DiffFrames' encoder and decoder, shared by stores of one frame size.
+
+    Appends to the stores of one scratch come from one thread at a time (they share the encoder rows); decodes may
+    come from any number of threads: the decoder rows are used under `decode_lock`, so that decodes
+    of entropy-coded frames take turns (decodes of byte runs need no rows, and run side by side)."""
 
     def __init__(self, frame_size: int, decode_threads: int | str = "auto"):
         self.frame_size = frame_size
@@ -223,6 +233,7 @@ class DiffScratch:
                          for _ in range(self.decode_threads)]
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="frame-decode") \
             if self.decode_threads > 1 else None
+        self.decode_lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
@@ -353,9 +364,11 @@ class DiffFrames:
         return int(outcome)
 
     def decode(self, ids: np.ndarray, out: np.ndarray) -> None:
-        """Write the frames `ids` (M,) into `out` (M, C*H*W) uint8."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        flat = out.reshape(-1) if out.flags.c_contiguous else np.empty(out.size, dtype=np.uint8)
+        """Write the frames `ids` (M,) into `out` (M, C*H*W) uint8; ValueError for ids not held or a bad `out`.
+        Safe from several threads (DiffScratch), and beside one appender for ids it has not evicted."""
+        ids = check_decode(ids, out, max(self.count - self.capacity, int(self._state["first_needed"])), self.count,
+                           self.frame_size)
+        flat = out.reshape(-1)
         if self._state["entropy_frames"]:
             needs = needs_entropy(ids, self._block, self._arena)
             runs_only, entropy = np.flatnonzero(~needs), np.flatnonzero(needs)
@@ -368,13 +381,12 @@ class DiffFrames:
             # contiguous stretches of the sorted ids, one per thread, each with its own references
             order = entropy[np.argsort(ids[entropy])]
             parts = np.array_split(order, min(self._scratch.decode_threads, len(order)))
-            if len(parts) == 1:
-                self._walk(ids, parts[0], flat, 0)
-            else:
-                list(self._scratch.pool.map(self._walk, [ids] * len(parts), parts, [flat] * len(parts),
-                                            range(len(parts))))
-        if not out.flags.c_contiguous:
-            out[:] = flat.reshape(out.shape)
+            with self._scratch.decode_lock:
+                if len(parts) == 1:
+                    self._walk(ids, parts[0], flat, 0)
+                else:
+                    list(self._scratch.pool.map(self._walk, [ids] * len(parts), parts, [flat] * len(parts),
+                                                range(len(parts))))
 
     def release(self, before: int) -> None:
         """Frames with id < `before` will not be decoded again: their payload's memory may go back."""
@@ -403,6 +415,7 @@ class DiffFrames:
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore what state_dict saved into a store of the same configuration; ValueError leaves it unchanged."""
         _check_config("full", state, self._config())
+        check_saved_arrays(state, {"counters": ((4,), np.int64)})
         count, episode_pos, first, first_needed = (int(x) for x in state["counters"])
         held = count - first
         if not 0 <= held <= min(count, self._slots) or not 0 <= first_needed <= count:
@@ -422,9 +435,7 @@ class DiffFrames:
         if not self.entropy and np.any(kinds >= PREV_PACKED):
             raise ValueError("saved frames include packed ones; load them into a store with entropy=True")
         live = len(state["payload_start"]) + len(state["payload_end"])
-        offsets = np.asarray(state["offsets"])
-        if live > self._arena.size or (held and not 0 <= offsets.min() <= offsets.max() <= live):
-            raise ValueError(f"saved payload of {live} bytes does not hold the saved offsets")
+        _check_index(state, self._config(), self._slots, frame_layout(self.frame_shape))
         self._space.release(0, self._space.size)
         start = len(state["payload_start"])
         self._arena[:start] = state["payload_start"]
@@ -487,6 +498,50 @@ def _check_config(mode: str, state: dict[str, np.ndarray], config: list[int]) ->
     if saved != config:
         raise ValueError(f"saved frame store has configuration {saved}, this {mode!r} store has {config} "
                          "(capacity, frame bytes[, key_interval, anchor_interval]); load it into a matching buffer")
+
+
+_INDEX_PROBLEMS = {  # check_index's problems: the saved array at fault, and what is wrong with its entry
+    kernels.BAD_KIND: ("kinds", "is not a kind its frame may have there"),
+    kernels.BAD_REF_DIST: ("ref_dist", "is not the reference of a frame at its place, or its references are "
+                           "not saved"),
+    kernels.BAD_OFFSET: ("offsets", "is not where the previous frame's payload ends"),
+    kernels.BAD_PAYLOAD: ("params", "with its kind, offset and run headers does not describe a payload inside "
+                          "the frame and the saved payload"),
+    kernels.BAD_COUNTERS: ("counters", "does not match the saved frames"),
+}
+
+
+def _check_index(state: dict[str, np.ndarray], config: list[int], slots: int, layout: np.ndarray) -> None:
+    """Raise ValueError naming the first bad entry unless the saved index and payload of a `full` store (arrays of
+    checked shapes and dtypes) describe frames as its encoder writes them (kernels.check_index)."""
+    arrays = [np.ascontiguousarray(state[name]) for name in ("payload_start", "payload_end", "offsets", "kinds",
+                                                              "params", "ref_dist", "counters")]
+    problem, entry = check_index(*arrays, np.array(config, dtype=np.int64), slots, layout)
+    if problem == kernels.BAD_TILING:
+        raise ValueError("saved payload_start and payload_end do not hold exactly the saved frames' payloads: "
+                         "the state is damaged or not from this code")
+    if problem != kernels.INDEX_OK:
+        name, what = _INDEX_PROBLEMS[problem]
+        raise ValueError(f"saved {name}[{entry}] ({np.asarray(state[name])[entry]}) {what}: the state is damaged "
+                         "or not from this code")
+
+
+def check_decode(ids: np.ndarray, out: np.ndarray, first: int, count: int, frame_size: int) -> np.ndarray:
+    """`ids` as int64 if they are integers in [first, count) and `out` a writable C-contiguous uint8 array of shape
+    (len(ids), frame_size); else ValueError naming the first bad id or what is wrong with `out`."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.dtype.kind not in "iu" and ids.size):
+        raise ValueError(f"ids must be a 1-d array of integers, got shape {ids.shape} and dtype {ids.dtype}")
+    if type(out) is not np.ndarray or out.dtype != np.uint8 or out.shape != (len(ids), frame_size) \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writable C-contiguous uint8 array of shape {(len(ids), frame_size)}, got "
+                         f"{type(out).__name__} of shape {getattr(out, 'shape', None)} and dtype "
+                         f"{getattr(out, 'dtype', None)}")
+    if len(ids) and (ids.min() < first or ids.max() >= count):
+        bad = int(np.flatnonzero((ids < first) | (ids >= count))[0])
+        raise ValueError(f"ids[{bad}] = {ids[bad]} is not a frame the store holds: it holds ids {first} to {count - 1}"
+                         " (older ones were evicted or released)")
+    return np.ascontiguousarray(ids, dtype=np.int64)
 
 
 def _as_row(frame: np.ndarray, frame_size: int) -> np.ndarray:

@@ -142,9 +142,18 @@ class ReplayBuffer:
         if saved != self._config():
             raise ValueError(f"saved buffer has configuration {saved}, this buffer {self._config()}; "
                              "load it into a buffer built with the same settings")
+        check_saved_arrays(state, {"counters": ((4,), np.int64)})
         total, current_start, episode_open, newest_oldest_frame = (int(x) for x in state["counters"])
         expected = {**self._saved_arrays(min(total, self.capacity)), "last_obs": (self.obs_shape, np.uint8)}
         check_saved_arrays(state, expected)
+        # each step added one frame, and a step's episode starts at or before it (the frame store checks the rest)
+        steps = np.arange(max(total - self.capacity, 0), total)
+        episode_start = np.asarray(state["episode_start"])[steps % self.capacity] if total else steps
+        frames_appended = np.asarray(state.get("frames.counters", [])).reshape(-1)[:1].tolist()
+        started = current_start == -1 if total == 0 else 0 <= current_start < total
+        if frames_appended != [total] or not started or np.any(episode_start > steps) or np.any(episode_start < 0):
+            raise ValueError(f"saved counters {[total, current_start, episode_open, newest_oldest_frame]} and "
+                             "episode starts do not match the saved frames")
         generator = np.random.default_rng()
         generator.bit_generator.state = json.loads(bytes(state["generator"]).decode())
         with self._lock:

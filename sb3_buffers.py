@@ -154,6 +154,9 @@ def stack_layout(observation_space: spaces.Space, frame_stack: int, channels_las
         raise ValueError(f"{owner} stores uint8 image observations (a uint8 Box of 2 or more dimensions); "
                          f"got observation space {observation_space}. Use SB3's own buffer for this space.")
     shape = observation_space.shape
+    if frame_stack < 1:
+        raise ValueError(f"{owner}: frame_stack must be >= 1 (1 for observations without frame stacking), "
+                         f"got {frame_stack}")
     if channels_last is None:  # whichever end frame_stack divides, the shorter one if both (SB3's channel rule)
         first_fits, last_fits = shape[0] % frame_stack == 0, shape[-1] % frame_stack == 0
         channels_last = last_fits and (not first_fits or shape[-1] < shape[0])

@@ -3,8 +3,13 @@
 A snapshot is a torch zip archive holding only tensors and plain values (dicts, lists, tuples,
 str, numbers), so torch.load(weights_only=True) reads it without unpickling arbitrary objects.
 torch does not verify tensor data on load, so the CRC-32 that the zip format keeps for every
-member is checked first: a flipped byte is reported instead of silently resumed from.
+member is checked first: a flipped byte is reported instead of silently resumed from. A digest of
+the whole content, written with it, makes the file one unit: a member copied in from another
+snapshot (whose CRC is its own, and right) is refused too. The digest guards against mix-ups, not
+against whoever edits a file on purpose and recomputes it: what loading does with the content is
+checked by those who take it (the replay buffer validates every index it will read with).
 """
+import hashlib
 import json
 import os
 import random
@@ -17,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 # Format of the contents; raised whenever a key is added or changes meaning, so that old files are refused.
-VERSION = 2
+VERSION = 3
 # Settings that shape the saved agent, replay buffer or environments, or name the run (seed); a resume
 # may not change them (training length, evaluation, logging and the like may change). The learning rate
 # is among them because the restored optimizer state carries the saved one.
@@ -44,7 +49,8 @@ def save(path: Path, cfg: DictConfig, state: dict) -> None:
     tmp = path.with_name(path.name + '.tmp')
     try:
         with tmp.open('wb') as f:
-            torch.save({'version': VERSION, 'settings': run_settings(cfg), **state}, f)
+            content = {'version': VERSION, 'settings': run_settings(cfg), **state}
+            torch.save({**content, 'digest': digest(content)}, f)
             f.flush()
             os.fsync(f.fileno())
         # The previous snapshot stays in place until the new one is complete on disk.
@@ -67,12 +73,40 @@ def load(path: Path, cfg: DictConfig) -> dict:
         version = state.get('version') if isinstance(state, dict) else None
         raise SnapshotError(f'cannot resume from {path}: snapshot format {version!r}, this code reads '
                             f'format {VERSION}. Start this run over in another directory.')
+    if state.pop('digest', None) != digest(state):
+        raise SnapshotError(f'cannot resume from {path}: its parts do not belong together (the digest of its '
+                            'content does not match: a member was copied in from another snapshot, or edited). '
+                            'Restore a good copy, or move it away to start this run over.')
     changed = [f'{key}={value!r} (snapshot: {state["settings"].get(key)!r})'
                for key, value in run_settings(cfg).items() if state['settings'].get(key) != value]
     if changed:
         raise SnapshotError(f'cannot resume from {path} with {", ".join(changed)}: these settings must '
                             'match the snapshot. Resume with its settings, or start a new run in another directory.')
     return state
+
+
+def digest(content: Any) -> str:
+    """blake2b of a snapshot's content, every value in order: tensors by dtype, shape and bytes, the rest by repr."""
+    hasher = hashlib.blake2b(digest_size=32)
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            hasher.update(f'tensor {value.dtype} {tuple(value.shape)};'.encode())
+            hasher.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            hasher.update(f'dict {len(value)};'.encode())
+            for key, item in value.items():  # in insertion order, which pickling keeps
+                add(key)
+                add(item)
+        elif isinstance(value, (list, tuple)):
+            hasher.update(f'{type(value).__name__} {len(value)};'.encode())
+            for item in value:
+                add(item)
+        else:
+            hasher.update(f'{type(value).__name__} {value!r};'.encode())
+
+    add(content)
+    return hasher.hexdigest()
 
 
 def _read(path: Path) -> Any:

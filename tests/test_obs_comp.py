@@ -465,3 +465,151 @@ def test_decode_runs_decodes_exactly_what_the_general_walk_decodes(stream, capac
     kernels.walk(ids, order, store._block, store._arena, kernels.Rows(by_walk, work, work[:0]))
     np.testing.assert_array_equal(by_runs, by_walk)
     np.testing.assert_array_equal(by_runs.reshape(len(ids), -1), frames[ids].reshape(len(ids), -1))
+
+
+# Validation: saved states from elsewhere, misused decodes, concurrent readers.
+
+def decode_all(store, ids):
+    out = np.empty((len(ids), store.frame_size), dtype=np.uint8)
+    store.decode(ids, out)
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(stream=frame_streams(), capacity=st.integers(1, 40), key_interval=st.integers(1, 5),
+       anchor_interval=st.integers(1, 12), representation=st.sampled_from(["default", "cheapest", "runs"]),
+       data=st.data())
+def test_every_saved_full_state_passes_validation_and_continues_exactly(stream, capacity, key_interval,
+                                                                         anchor_interval, representation, data):
+    # the validator accepts whatever the encoder writes: any stream, cut, wrap and release (with entropy-coded
+    # payloads no larger than frames: "entropy" forces them even where they are larger)
+    shape, frames, starts, rng = stream
+    options = REPRESENTATIONS[representation]
+    store = DiffFrames(capacity, shape, key_interval, anchor_interval, **options)
+    cut = data.draw(st.integers(0, len(frames)))
+    first_needed = 0
+    for i in range(cut):
+        store.append(frames[i], episode_start=starts[i])
+        if data.draw(st.integers(0, 9)) == 0:
+            first_needed = max(first_needed, data.draw(st.integers(0, i + 1)))
+            store.release(first_needed)
+    restored = DiffFrames(capacity, shape, key_interval, anchor_interval, **options)
+    restored.load_state_dict(store.state_dict())
+    for i in range(cut, len(frames)):
+        for copy in (store, restored):
+            copy.append(frames[i], episode_start=starts[i])
+    held = np.arange(max(first_needed, len(frames) - capacity), len(frames))
+    np.testing.assert_array_equal(decode_all(restored, held), frames[held].reshape(len(held), frames[0].size))
+
+
+def runs_store(seed=3):
+    """A `full` store of byte-run frames (and raw anchors) over two episodes, entropy coding off: frames 10..59
+    are saved (as state entries 0..49), 19..59 held."""
+    frames = similar_frames(np.random.default_rng(seed), 60, (1, 16, 16), 0.1)
+    store = DiffFrames(41, (1, 16, 16), key_interval=3, anchor_interval=10, entropy=False)
+    for i, frame in enumerate(frames):
+        store.append(frame, episode_start=i in (0, 33))
+    return store, frames
+
+
+def damaged(state, name, entry, value):
+    state = {key: np.array(array) for key, array in state.items()}
+    state[name][entry] = value
+    return state
+
+
+@pytest.mark.parametrize("name, entry, value, message", [
+    ("kinds", 11, 7, r"kinds\[1\]"),  # 11 - 10 frames before the first saved: index entry 1
+    ("kinds", 10, obs_comp.RUNS, r"kinds\[0\]"),  # an anchor must be raw
+    ("ref_dist", 14, 9, r"ref_dist\[4\]"),
+    ("ref_dist", 15, 1, r"ref_dist\[5\]"),  # a reference that is not its group's key
+    ("offsets", 20, 5, r"offsets\[10\]"),
+    ("params", 22, 250, r"params\[12\]"),  # more run headers than the payload holds
+    ("counters", 1, 7, r"counters\[1\]"),  # episode position
+    ("counters", 3, 30, r"counters\[2\]"),  # first needed: the first frame saved would be another
+])
+def test_full_load_refuses_a_damaged_index_naming_the_entry_and_keeps_its_frames(name, entry, value, message):
+    store, frames = runs_store()
+    state = store.state_dict()
+    assert state["counters"][2] == 10  # frames 10..59 saved
+    index = name != "counters"
+    bad = damaged(state, name, entry - 10 if index else entry, value)
+    target, held = runs_store(seed=4)
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(bad)
+    np.testing.assert_array_equal(decode_all(target, np.arange(19, 60)), held[19:].reshape(41, -1))
+
+
+def test_full_load_refuses_run_headers_that_leave_the_frame():
+    store, frames = runs_store()
+    state = {key: np.array(array) for key, array in store.state_dict().items()}
+    runs = np.flatnonzero((state["kinds"] == obs_comp.RUNS) & (state["params"] > 0))
+    entry = int(runs[0])
+    state["payload_start"][state["offsets"][entry]] = 255  # a skip past the frame's end (256 bytes)
+    state["payload_start"][state["offsets"][entry] + 1] = 255
+    with pytest.raises(ValueError, match=rf"params\[{entry}\]"):
+        runs_store()[0].load_state_dict(state)
+
+
+def test_half_load_refuses_inconsistent_counters():
+    store = RawFrames(4, (8,))
+    for i in range(6):
+        store.append(np.full(8, i, np.uint8), episode_start=False)
+    for counters in ([6, 7], [-1, 0], [6, 0, 0]):
+        state = {**store.state_dict(), "counters": np.array(counters, dtype=np.int64)}
+        with pytest.raises(ValueError, match="counters"):
+            RawFrames(4, (8,)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("mode", ["half", "full"])
+def test_decode_refuses_ids_it_does_not_hold_and_bad_out_arrays(mode):
+    frames = similar_frames(np.random.default_rng(4), 30, (1, 8, 8), 0.2)
+    store = make_frame_store(mode, 20, (1, 8, 8), 3, 10)
+    for i, frame in enumerate(frames):
+        store.append(frame, episode_start=i == 0)
+    store.release(13)  # holds 13..29: 10..12 released, 0..9 evicted
+    for ids, first_bad in (([13, 29, 12], 2), ([9], 0), ([30], 0), ([15, -1], 1), ([2**62], 0),
+                           (np.array([15, 2**63 + 5], np.uint64), 1)):
+        with pytest.raises(ValueError, match=rf"ids\[{first_bad}\]"):
+            store.decode(np.asarray(ids), np.empty((len(ids), 64), np.uint8))
+    good = np.arange(13, 30)
+    for out in (np.empty((16, 64), np.uint8), np.empty((17, 64), np.float32), np.empty((17, 65), np.uint8),
+                np.empty((64, 17), np.uint8).T, np.empty((17, 1, 64), np.uint8)):
+        with pytest.raises(ValueError, match="out must be"):
+            store.decode(good, out)
+    read_only = np.empty((17, 64), np.uint8)
+    read_only.flags.writeable = False
+    for ids, out in ((good.astype(np.float64), np.empty((17, 64), np.uint8)), (good, read_only)):
+        with pytest.raises(ValueError):
+            store.decode(ids, out)
+    np.testing.assert_array_equal(decode_all(store, good), frames[good].reshape(17, -1))
+    np.testing.assert_array_equal(decode_all(store, good.astype(np.int32)), frames[good].reshape(17, -1))
+
+
+def test_concurrent_decodes_of_entropy_coded_frames_are_exact(rendered_floor_frames):
+    # several threads sample one entropy-coded store (they share its scratch's decoder rows) while one appends
+    import threading
+    frames, starts = rendered_floor_frames
+    store = DiffFrames(len(frames), frames.shape[1:], key_interval=4, anchor_interval=100)
+    for frame, start in zip(frames[:20], starts[:20]):
+        store.append(frame, episode_start=start)
+    failures = []
+
+    def read(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(40):
+            ids = rng.integers(0, store.count, 48)
+            try:
+                np.testing.assert_array_equal(decode_all(store, ids), frames[ids].reshape(len(ids), -1))
+            except BaseException as error:  # noqa: BLE001 - reported by the main thread
+                failures.append(error)
+                return
+
+    readers = [threading.Thread(target=read, args=(seed,)) for seed in range(4)]
+    for reader in readers:
+        reader.start()
+    for frame, start in zip(frames[20:], starts[20:]):
+        store.append(frame, episode_start=start)
+    for reader in readers:
+        reader.join()
+    assert store.entropy_frames > 0 and not failures, failures[:1]

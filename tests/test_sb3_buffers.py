@@ -1,7 +1,11 @@
 """sb3_buffers against stable-baselines3's own buffers: the same add() calls and seed give byte-identical batches."""
 import contextlib
+import json
 import mmap
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import gymnasium as gym
@@ -574,3 +578,73 @@ def test_samples_normalized_by_an_env_equal_sb3s():
     got = ours.sample(40, env=ScalingNormalizer())
     assert want.observations.dtype == torch.float32
     assert_same_samples(want, got)
+
+
+@pytest.mark.parametrize("cls", [CompressedReplayBuffer, CompressedRolloutBuffer])
+def test_frame_stack_below_one_is_refused(cls):
+    with pytest.raises(ValueError, match="frame_stack must be >= 1"):
+        cls(10, spaces.Box(0, 255, (4, 8, 8), np.uint8), spaces.Discrete(2), device="cpu", frame_stack=0)
+
+
+@pytest.mark.parametrize("compression, name, value, message", [
+    ("full", "kinds", 9, r"kinds\[\d+\]"), ("full", "offsets", -4, r"offsets\[\d+\]"),
+    ("half", "counters", -1, "counters")])
+def test_unpickling_validates_every_store_it_restores(compression, name, value, message):
+    # load_replay_buffer unpickles: each frame store's __setstate__ loads, and checks, its saved state
+    envs = StackingEnvs(np.random.default_rng(0), 2, 4, (1, 6, 6), False, "zeros", p_done=0.1, odd=0.05)
+    _, ours = make_replay_pair(envs, 40, compression=compression)
+    for transition in replay_transitions(envs, 50):
+        ours.add(*transition)
+    store_class = type(ours._streams.stores[1])
+    getstate = store_class.__getstate__
+
+    def damaged(store):
+        pickled = getstate(store)
+        if store is ours._streams.stores[1]:
+            pickled["state"] = {key: np.array(array) for key, array in pickled["state"].items()}
+            pickled["state"][name][len(pickled["state"][name]) // 2] = value
+        return pickled
+
+    with mock.patch.object(store_class, "__getstate__", damaged):
+        data = pickle.dumps(ours)
+    with pytest.raises(ValueError, match=message):
+        pickle.loads(data)
+    assert pickle.loads(pickle.dumps(ours)).size() == ours.size()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RSS_PROBE = """
+import json, sys
+import numpy as np, psutil
+from gymnasium import spaces
+from sb3_buffers import CompressedReplayBuffer
+from tests.test_obs_comp import mapping_rss
+n, space, rng = 8, spaces.Box(0, 255, (4, 84, 84), np.uint8), np.random.default_rng(0)
+obs = np.repeat(rng.integers(0, 256, (n, 1, 84, 84), dtype=np.uint8), 4, axis=1)
+args = dict(device="cpu", n_envs=n, compression=sys.argv[1])
+CompressedReplayBuffer(100, space, spaces.Discrete(6), **args).add(obs, obs, np.zeros((n, 1)), np.zeros(n),
+                                                                   np.zeros(n), [{}] * n)  # compiled, warm
+before = psutil.Process().memory_info().rss
+buffer = CompressedReplayBuffer(10_000_000, space, spaces.Discrete(6), **args)
+for _ in range(200):
+    next_obs = np.concatenate([obs[:, 1:], obs[:, 3:]], axis=1)
+    changed = rng.random(next_obs[:, 3].shape) < 0.02
+    next_obs[:, 3][changed] = rng.integers(0, 256, changed.sum())
+    buffer.add(obs, next_obs, np.zeros((n, 1)), np.zeros(n), np.zeros(n), [{}] * n)
+    obs = next_obs
+growth = psutil.Process().memory_info().rss - before
+sb3 = sum(mapping_rss(a) for a in vars(buffer).values() if isinstance(a, np.ndarray))  # SB3's own arrays
+print(json.dumps(dict(growth=growth, sb3=sb3, frames=buffer._streams.nbytes)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS and mincore() as Linux reports them")
+@pytest.mark.parametrize("compression", ["half", "full"])
+def test_nbytes_of_a_large_little_used_buffer_is_its_resident_memory(compression):
+    # 10M steps over 8 envs: index blocks of 42 MB per env, of which 200 steps use a few KB
+    proc = subprocess.run([sys.executable, "-c", RSS_PROBE, compression], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.splitlines()[-1])
+    frames_resident = measured["growth"] - measured["sb3"]  # everything else the buffer added
+    assert abs(frames_resident - measured["frames"]) <= 2 * 2**20 + 0.1 * measured["frames"], measured

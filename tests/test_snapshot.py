@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +245,144 @@ def test_sigkilled_run_resumes_from_its_snapshot(tmp_path, mode):
         kept = [{k: v for k, v in r.items() if v != ''} for r in rows[:rows_at_snapshot]]
         assert kept == [{k: v for k, v in r.items() if v != ''} for r in before[:rows_at_snapshot]]
         assert frames[-1] == last_frame
+
+
+def test_member_spliced_in_from_another_snapshot_of_the_same_settings_is_refused(tmp_path):
+    cfg = compose_cfg()
+    for seed, name in ((0, 'a.pt'), (1, 'b.pt')):
+        _save(tmp_path / name, cfg, agent=_agent(seed).state_dict(), step=seed)
+    spliced = 0
+    with zipfile.ZipFile(tmp_path / 'a.pt') as a, zipfile.ZipFile(tmp_path / 'b.pt') as b:
+        for member in a.namelist():
+            if '/data/' not in member or a.read(member) == b.read(member):
+                continue
+            with zipfile.ZipFile(tmp_path / 'spliced.pt', 'w') as out:  # every CRC right, one member from b
+                for info in a.infolist():
+                    out.writestr(info.filename, (b if info.filename == member else a).read(info.filename))
+            torch.load(tmp_path / 'spliced.pt', weights_only=True)  # torch itself would take it
+            with pytest.raises(snapshot.SnapshotError, match='do not belong together'):
+                snapshot.load(tmp_path / 'spliced.pt', cfg)
+            spliced += 1
+    assert spliced > 10  # the agent's weights and Adam states differ between the two
+
+
+# Fuzzing: saved replay states of `half` and `full` with one integer (or one run header) changed, written as
+# snapshots with valid CRCs and digest, loaded and sampled in a subprocess that must not die by a signal. A state
+# that loads must decode exactly what a naive decoder of the changed arrays decodes.
+FUZZ_MODES = {'half': ('half', {}), 'runs': ('full', {'entropy': False}),
+              'entropy': ('full', {'min_entropy_saving': 0})}
+FUZZ_SHAPE = (1, 16, 16)
+
+
+def _fuzz_buffer(mode):
+    compression, options = FUZZ_MODES[mode]
+    return ReplayBuffer(obs_shape=(3, *FUZZ_SHAPE[1:]), action_shape=(2,), capacity=60, frame_stack=3, nstep=2,
+                        discount=0.99, batch_size=8, compression=compression, key_interval=3, anchor_interval=10,
+                        **options)
+
+
+def _reference_frames(state, ids, capacity):
+    """Frames `ids` of a saved frame-store state, decoded naively from its arrays (gray 16x16 frames)."""
+    import zstandard
+    from obs_comp import RAW, RUNS, ZPREV
+    if 'frames' in state:  # half: a ring of raw frames
+        return np.stack([state['frames'][i % capacity] for i in ids])
+    payload = np.concatenate([state['payload_start'], state['payload_end']])
+    first, size = int(state['counters'][2]), int(state['config'][1])
+
+    def frame(f):
+        i = f - first
+        kind, at, param, ref = (int(state[name][i]) for name in ('kinds', 'offsets', 'params', 'ref_dist'))
+        if kind == RAW:
+            return payload[at:at + size].copy()
+        if kind == RUNS:
+            out, position, values = frame(f - ref), 0, at + 2 * param
+            for k in range(param):
+                position += int(payload[at + 2 * k])
+                length = int(payload[at + 2 * k + 1])
+                out[position:position + length] = payload[values:values + length]
+                position, values = position + length, values + length
+            return out
+        steps = np.frombuffer(zstandard.ZstdDecompressor().decompress(payload[at:at + param].tobytes()), np.uint8)
+        rows = np.cumsum(steps.reshape(FUZZ_SHAPE[1:]).astype(np.int64), axis=1).reshape(-1)
+        return ((rows + (frame(f - 1) if kind == ZPREV else 0)) % 256).astype(np.uint8)
+
+    return np.stack([frame(int(f)) for f in ids])
+
+
+def _perturbations(state, rng):
+    """(array name, entry, new value) changes of one saved state: any integer array, or a byte-run header."""
+    names = [name for name, array in state.items() if array.dtype.kind in 'iu' and array.dtype != np.uint8
+             or name == 'frames.kinds']
+    while True:
+        if 'frames.kinds' in state and rng.random() < 0.25:  # a byte-run header inside the payload
+            runs = np.flatnonzero((state['frames.kinds'] == 1) & (state['frames.params'] > 0))
+            i = rng.choice(runs)
+            at = int(state['frames.offsets'][i]) + int(rng.integers(0, 2 * state['frames.params'][i]))
+            start = len(state['frames.payload_start'])
+            name, entry = ('frames.payload_start', at) if at < start else ('frames.payload_end', at - start)
+            yield name, entry, int(rng.integers(0, 256))
+            continue
+        name = names[rng.integers(len(names))]
+        entry = int(rng.integers(state[name].size))
+        value = int(state[name].reshape(-1)[entry])
+        new = int(rng.choice([value + 1, value - 1, value + 2, value - 3, 0, -1, 2**31 - 1, -2**40,
+                              int(rng.integers(-5, 2 * abs(value) + 10))]))
+        if new != value:
+            info = np.iinfo(state[name].dtype)
+            yield name, entry, min(max(new, info.min), info.max)
+
+
+def fuzz_replay_snapshots(work_dir, cases, seed):
+    """Run `cases` perturbations per mode; print one line per outcome and a JSON summary of their counts."""
+    from tests.test_replay_buffer import make_episodes
+    cfg, rng, path = compose_cfg(), np.random.default_rng(seed), os.path.join(work_dir, 'snapshot.pt')
+    outcomes = {}
+    for mode in FUZZ_MODES:
+        source = _fuzz_buffer(mode)
+        for step in make_episodes(np.random.default_rng(0), [30, 25, 40], 3, FUZZ_SHAPE, 2):
+            source.add(step)
+        saved = {key: np.array(value) for key, value in source.state_dict().items()}
+        assert mode != 'entropy' or source._frames.entropy_frames > 0
+        perturbations = _perturbations(saved, rng)
+        for case in range(cases):
+            name, entry, value = next(perturbations)
+            print(f'{mode} {case}: {name}[{entry}] = {value}', end=' ', flush=True)  # the last line if it crashes
+            state = {key: array.copy() for key, array in saved.items()}
+            state[name].reshape(-1)[entry] = value
+            snapshot.save(Path(path), cfg, {'replay': snapshot.to_tensors(state)})
+            buffer = _fuzz_buffer(mode)
+            try:
+                buffer.load_state_dict(snapshot.to_arrays(snapshot.load(Path(path), cfg)['replay']))
+            except (ValueError, snapshot.SnapshotError):
+                outcome = 'refused'
+            else:
+                try:
+                    buffer.sample()
+                    buffer.sample()
+                    outcome = 'sampled'
+                except (ValueError, RuntimeError):  # ids the store does not hold, or no transition left
+                    outcome = 'refused at sample'
+                store = buffer._frames
+                held = np.arange(max(store.count - store.capacity, 0), store.count)
+                if 'frames.counters' in state and len(state['frames.counters']) == 4:
+                    held = held[held >= state['frames.counters'][3]]
+                out = np.empty((len(held), store.frame_size), np.uint8)
+                store.decode(held, out)
+                frames = {key.removeprefix('frames.'): array for key, array in state.items()
+                          if key.startswith('frames.')}
+                assert np.array_equal(out, _reference_frames(frames, held, store.capacity)), 'decoded other frames'
+            print(outcome, flush=True)
+            outcomes[f'{mode} {outcome}'] = outcomes.get(f'{mode} {outcome}', 0) + 1
+    print(json.dumps(outcomes))
+
+
+def test_fuzzed_snapshots_are_refused_or_decode_exactly_never_crash(tmp_path):
+    code = f'import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.test_snapshot import fuzz_replay_snapshots; ' \
+           f'fuzz_replay_snapshots({str(tmp_path)!r}, 120, 0)'
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f'exit {proc.returncode}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}'
+    outcomes = json.loads(proc.stdout.splitlines()[-1])
+    for mode in FUZZ_MODES:  # each mode both refused some changes and took others
+        assert outcomes.get(f'{mode} refused', 0) > 0, outcomes
+        assert outcomes.get(f'{mode} sampled', 0) > 0, outcomes

@@ -168,7 +168,8 @@ def test_train_stops_before_training(tmp_path, setup, overrides, message):
     assert not {'train.csv', 'eval.csv', 'buffer', 'config.yaml'} & {p.name for p in run_dir.iterdir()}
 
 
-TINY_RUN = ['task=walker_walk', 'action_repeat=20', 'eval_every_frames=100000', 'batch_size=16',
+# evaluations at frames 0 and 1500 (mid second episode): one after a resume at frame 1000
+TINY_RUN = ['task=walker_walk', 'action_repeat=20', 'eval_every_frames=1500', 'batch_size=16',
             'replay_buffer_num_workers=1', 'device=cpu']
 
 
@@ -264,7 +265,8 @@ def test_short_training_run_and_resume(tmp_path, mode):
     assert (snapshot['global_step'], snapshot['global_episode'], snapshot['logger']['train_rows']) == (50, 1, 1)
     assert not (run_dir / 'snapshot.pt.tmp').exists()
 
-    # Resume: continues at step 50 with the second episode; no step-0 evaluation, nothing logged twice.
+    # Resume: continues at step 50 with the second episode; no step-0 evaluation, nothing logged twice, an
+    # evaluation at frame 1500.
     train_rows = read_csv(run_dir / 'train.csv')
     eval_csv = (run_dir / 'eval.csv').read_text()
     out = run_train(run_dir, mode, num_train_frames=1500)
@@ -273,12 +275,13 @@ def test_short_training_run_and_resume(tmp_path, mode):
     # the first episode's row is kept as it was (new columns of the second leave its cells empty)
     assert filled(read_csv(run_dir / 'train.csv')[:1]) == filled(train_rows)
     assert [(float(r['frame']), float(r['episode'])) for r in read_csv(run_dir / 'train.csv')] == [(1000, 1), (2000, 2)]
-    assert (run_dir / 'eval.csv').read_text() == eval_csv
+    assert (run_dir / 'eval.csv').read_text().startswith(eval_csv)
+    assert [float(r['frame']) for r in read_csv(run_dir / 'eval.csv')] == [0, 1500]
     snapshot = torch.load(run_dir / 'snapshot.pt', weights_only=True)
     assert (snapshot['global_step'], snapshot['global_episode']) == (100, 2)
     assert snapshot['timer']['total_time'] > 0
 
-    if mode == 'full':  # the resumed run trained exactly as an uninterrupted one: same rewards and losses
+    if mode != 'none':  # the resumed run trained exactly as an uninterrupted one: same rewards, losses and evals
         uninterrupted = tmp_path / 'uninterrupted'
         run_train(uninterrupted, mode, num_train_frames=2000)
         rows = learning_columns(read_csv(run_dir / 'train.csv'))
