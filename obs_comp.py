@@ -38,7 +38,7 @@ from typing import Protocol
 import numpy as np
 
 import kernels
-from kernels import (ALONE_PACKED, ANCHOR_PACKED, DIFF_STORE, KINDS, PACKED_CHANNELS, PAGE, PAGES_BACK_FIRST,
+from kernels import (ALONE_PACKED, ANCHOR_PACKED, DIFF_STORE, PACKED_CHANNELS, PAGE, PAGES_BACK_FIRST,
                      PREV_PACKED, RAW, RAW_STORE, RUNS, WORK_ROWS, Rows, append_frame, arena_extent, arena_size,
                      check_index, decode_runs, index_views, needs_entropy, new_block, packed_bound, pages_to_free,
                      resident_arena, state_record, walk)
@@ -428,11 +428,7 @@ class DiffFrames:
                                    "offsets": ((held,), np.int64), "kinds": ((held,), np.uint8),
                                    "params": ((held,), np.int32), "ref_dist": ((held,), np.int32),
                                    "key": (reference, np.uint8), "previous": (reference, np.uint8)})
-        kinds = np.asarray(state["kinds"])
-        if held and kinds.max() >= KINDS:
-            raise ValueError(f"saved kinds: frame {first + int(np.argmax(kinds >= KINDS))} has kind "
-                             f"{int(kinds.max())}, kinds are 0..{KINDS - 1}")
-        if not self.entropy and np.any(kinds >= PREV_PACKED):
+        if not self.entropy and np.any(np.isin(state["kinds"], (PREV_PACKED, ANCHOR_PACKED, ALONE_PACKED))):
             raise ValueError("saved frames include packed ones; load them into a store with entropy=True")
         live = len(state["payload_start"]) + len(state["payload_end"])
         _check_index(state, self._config(), self._slots, frame_layout(self.frame_shape))

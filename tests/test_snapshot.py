@@ -283,12 +283,44 @@ def _fuzz_buffer(mode):
 
 def _reference_frames(state, ids, capacity):
     """Frames `ids` of a saved frame-store state, decoded naively from its arrays (gray 16x16 frames)."""
-    import zstandard
-    from obs_comp import RAW, RUNS, ZPREV
+    from obs_comp import ALONE_PACKED, PREV_PACKED, RAW, RUNS
     if 'frames' in state:  # half: a ring of raw frames
         return np.stack([state['frames'][i % capacity] for i in ids])
     payload = np.concatenate([state['payload_start'], state['payload_end']])
     first, size = int(state['counters'][2]), int(state['config'][1])
+    height, width = FUZZ_SHAPE[1:]
+
+    def unpacked(at, length):
+        """The residual of a packed payload of one gray plane, read as kernels.py section 1 defines it."""
+        groups = -(-size // 16)
+        stream = int.from_bytes(payload[at:at + length].tobytes(), 'little')
+        bit, previous, residual = 8 * -(-groups // 8), 0, np.zeros(16 * groups, np.int64)
+
+        def take(n):
+            nonlocal bit
+            value = (stream >> bit) & ((1 << n) - 1)
+            bit += n
+            return value
+
+        for g in range(groups):
+            if not (payload[at + g // 8] >> (g % 8)) & 1:
+                continue
+            widths = []
+            for _ in range(8):
+                if not take(1):
+                    pass
+                elif not take(1):
+                    previous += -1 if take(1) else 1
+                elif not take(1):
+                    previous += -2 if take(1) else 2
+                else:
+                    previous = take(4)
+                widths.append(previous)
+            for j, w in enumerate(widths):
+                for k in range(2):
+                    value = take(w)
+                    residual[16 * g + 2 * j + k] = value if w == 8 else value - (1 << (w - 1)) if w else 0
+        return residual[:size]
 
     def frame(f):
         i = f - first
@@ -303,9 +335,11 @@ def _reference_frames(state, ids, capacity):
                 out[position:position + length] = payload[values:values + length]
                 position, values = position + length, values + length
             return out
-        steps = np.frombuffer(zstandard.ZstdDecompressor().decompress(payload[at:at + param].tobytes()), np.uint8)
-        rows = np.cumsum(steps.reshape(FUZZ_SHAPE[1:]).astype(np.int64), axis=1).reshape(-1)
-        return ((rows + (frame(f - 1) if kind == ZPREV else 0)) % 256).astype(np.uint8)
+        residual = unpacked(at, param)
+        if kind == PREV_PACKED:
+            return ((frame(f - 1) + residual) % 256).astype(np.uint8)
+        rows = np.cumsum(residual.reshape(height, width), axis=0).reshape(-1)  # taken vertically
+        return ((rows + (0 if kind == ALONE_PACKED else frame(f - ref))) % 256).astype(np.uint8)
 
     return np.stack([frame(int(f)) for f in ids])
 
