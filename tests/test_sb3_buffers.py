@@ -429,6 +429,39 @@ def test_real_atari_rollout_samples_equal_sb3s(wrapping):
     assert ours.nbytes < ref.observations.nbytes / 10
 
 
+def test_real_dmc_dict_replay_samples_equal_sb3s():
+    """SAC's observations on rendered DMC frames: 3 stacked RGB frames with the floor and the task's state, 2 envs,
+    time-outs, a wrapped ring."""
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecFrameStack
+
+    from envs.gym_dmc import DMCPixels
+
+    options = dict(name="walker_walk", image_size=48, max_episode_steps=9)
+    venv = VecFrameStack(make_vec_env(DMCPixels, n_envs=2, seed=0, env_kwargs=options), 3)
+    args = (40, venv.observation_space, venv.action_space)
+    ref, ours = DictReplayBuffer(*args, device="cpu", n_envs=2), CompressedDictReplayBuffer(*args, device="cpu",
+                                                                                            n_envs=2, frame_stack=3)
+    rng, obs, time_outs = np.random.default_rng(0), venv.reset(), 0
+    for t in range(60):
+        action = rng.uniform(-1, 1, (2, *venv.action_space.shape)).astype(np.float32)
+        new_obs, reward, dones, infos = venv.step(action)
+        next_obs = {key: value.copy() for key, value in new_obs.items()}
+        for e in np.flatnonzero(dones):
+            for key in next_obs:
+                next_obs[key][e] = infos[e]["terminal_observation"][key]
+        time_outs += sum(info.get("TimeLimit.truncated", False) for info in infos)
+        for buffer in (ref, ours):
+            buffer.add(obs, next_obs, action, reward, dones, infos)
+        if t % 20 == 19:
+            assert_same_replay_samples(ref, ours, t, batch_size=32)
+        obs = new_obs
+    venv.close()
+    assert time_outs >= 2 and ours.full
+    assert len(ours._key_streams["camera"].whole) == 0  # every stack verified
+    assert ours.nbytes < sb3_buffers.sb3_nbytes(ref) / 3
+
+
 @pytest.mark.parametrize("compression", ["half", "full"])
 def test_pickle_round_trip_keeps_samples(compression, tmp_path):
     from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
