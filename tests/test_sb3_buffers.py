@@ -269,6 +269,35 @@ def test_replay_samples_equal_sb3s(seed, n_envs, frame_stack, channels, channels
         assert all(store.count - store.released <= 2 * buffer_size + frame_stack + late for store in stores)
 
 
+def assert_same_rollout_batches(rng, envs, ref, ours, obs, rollouts, n_steps, batch_size, seed, random_action,
+                                epochs=1):
+    """Rollouts added to both buffers as OnPolicyAlgorithm.collect_rollouts adds them; each epoch's get() batches of
+    ours equal SB3's."""
+    n_envs, episode_starts = envs.n_envs, np.ones(envs.n_envs, bool)
+    for r in range(rollouts):
+        ref.reset()
+        ours.reset()
+        for _ in range(n_steps):
+            action = random_action()
+            reward = rng.normal(size=n_envs).astype(np.float32)
+            value = torch.as_tensor(rng.normal(size=(n_envs, 1)), dtype=torch.float32)
+            log_prob = torch.as_tensor(rng.normal(size=n_envs), dtype=torch.float32)
+            for buf in (ref, ours):
+                buf.add(obs, action, reward, episode_starts, value, log_prob)
+            obs, _, episode_starts, _ = envs.step()
+        last_values = torch.as_tensor(rng.normal(size=(n_envs, 1)), dtype=torch.float32)
+        for buf in (ref, ours):
+            buf.compute_returns_and_advantage(last_values, episode_starts)
+        for epoch in range(epochs):
+            np.random.seed(seed + r + epoch)
+            want = list(ref.get(batch_size))
+            np.random.seed(seed + r + epoch)
+            got = list(ours.get(batch_size))
+            assert len(want) == len(got)
+            for a, b in zip(want, got):
+                assert_same_samples(a, b)
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31), n_envs=st.integers(1, 3), frame_stack=st.integers(1, 4),
        channels_last=st.booleans(), padding=st.sampled_from(["zeros", "repeat"]), n_steps=st.integers(1, 12),
@@ -286,29 +315,8 @@ def test_rollout_batches_equal_sb3s(seed, n_envs, frame_stack, channels_last, pa
         ours = CompressedRolloutBuffer(*args, device="cpu", gae_lambda=0.95, gamma=0.99, n_envs=n_envs,
                                        compression=compression, frame_stack=frame_stack,
                                        channels_last=channels_last, anchor_interval=3)
-    obs, episode_starts = envs.observe(envs.stacks), np.ones(n_envs, bool)
-    for r in range(rollouts):
-        ref.reset()
-        ours.reset()
-        for _ in range(n_steps):  # as OnPolicyAlgorithm.collect_rollouts
-            action = rng.integers(0, N_ACTIONS, (n_envs, 1))
-            reward = rng.normal(size=n_envs).astype(np.float32)
-            value = torch.as_tensor(rng.normal(size=(n_envs, 1)), dtype=torch.float32)
-            log_prob = torch.as_tensor(rng.normal(size=n_envs), dtype=torch.float32)
-            for buf in (ref, ours):
-                buf.add(obs, action, reward, episode_starts, value, log_prob)
-            obs, _, episode_starts, _ = envs.step()
-        last_values = torch.as_tensor(rng.normal(size=(n_envs, 1)), dtype=torch.float32)
-        for buf in (ref, ours):
-            buf.compute_returns_and_advantage(last_values, episode_starts)
-        for epoch in range(2):
-            np.random.seed(seed + r + epoch)
-            want = list(ref.get(batch_size))
-            np.random.seed(seed + r + epoch)
-            got = list(ours.get(batch_size))
-            assert len(want) == len(got)
-            for a, b in zip(want, got):
-                assert_same_samples(a, b)
+    assert_same_rollout_batches(rng, envs, ref, ours, envs.observe(envs.stacks), rollouts, n_steps, batch_size, seed,
+                                lambda: rng.integers(0, N_ACTIONS, (n_envs, 1)), epochs=2)
     if odd == 0:  # a store holds at most the last rollout's frames and the stack before it
         assert all(store.count - store.released <= n_steps + frame_stack for store in stores)
 
@@ -462,23 +470,29 @@ def test_real_dmc_dict_replay_samples_equal_sb3s():
     assert ours.nbytes < sb3_buffers.sb3_nbytes(ref) / 3
 
 
-@pytest.mark.parametrize("compression", ["half", "full"])
-def test_pickle_round_trip_keeps_samples(compression, tmp_path):
+def assert_pickled_replay_continues(envs, ref, ours, tmp_path):
+    """50 transitions into both buffers; ours pickled as model.save_replay_buffer does and loaded back (compacted)
+    takes 10 more and samples what SB3's does."""
     from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
 
-    envs = StackingEnvs(np.random.default_rng(0), 2, 4, (1, 6, 6), False, "zeros", p_done=0.1, odd=0.05)
-    ref, ours = make_replay_pair(envs, 40, compression=compression)
     transitions = list(replay_transitions(envs, 60))
     for transition in transitions[:50]:
         ref.add(*transition)
         ours.add(*transition)
-    save_to_pkl(tmp_path / "buffer.pkl", ours)  # what model.save_replay_buffer does
+    save_to_pkl(tmp_path / "buffer.pkl", ours)
     loaded = load_from_pkl(tmp_path / "buffer.pkl")
-    assert isinstance(loaded, CompressedReplayBuffer) and loaded.nbytes <= ours.nbytes  # loading compacts
-    for transition in transitions[50:]:  # it continues where it left off
+    assert type(loaded) is type(ours) and loaded.nbytes <= ours.nbytes
+    for transition in transitions[50:]:
         ref.add(*transition)
         loaded.add(*transition)
     assert_same_replay_samples(ref, loaded, 0, batch_size=100)
+
+
+@pytest.mark.parametrize("compression", ["half", "full"])
+def test_pickle_round_trip_keeps_samples(compression, tmp_path):
+    envs = StackingEnvs(np.random.default_rng(0), 2, 4, (1, 6, 6), False, "zeros", p_done=0.1, odd=0.05)
+    ref, ours = make_replay_pair(envs, 40, compression=compression)
+    assert_pickled_replay_continues(envs, ref, ours, tmp_path)
     assert pickle.loads(pickle.dumps(ours)).size() == ours.size()
     if compression == "full":  # the envs' stores still share one set of work rows
         streams = loaded._streams
@@ -503,14 +517,19 @@ def bad_inputs(envs):
     yield "infos cannot be stored.*ValueError", (obs, next_obs, action, reward, done, flags)
 
 
+def assert_refused_unchanged(buffer, cases):
+    """Each (message, add() arguments) case raises a ValueError matching message and leaves the buffer as it was."""
+    before = pickle.dumps(buffer)
+    for message, args in cases:
+        with pytest.raises(ValueError, match=message):
+            buffer.add(*args)
+        assert pickle.dumps(buffer) == before
+
+
 def test_bad_add_raises_and_leaves_replay_unchanged():
     envs = StackingEnvs(np.random.default_rng(2), 2, 3, (1, 5, 5), False, "zeros", p_done=0.2, odd=0.05)
     ref, ours = filled_replay_pair(envs, 10, 15)
-    before = pickle.dumps(ours)
-    for message, args in bad_inputs(envs):
-        with pytest.raises(ValueError, match=message):
-            ours.add(*args)
-        assert pickle.dumps(ours) == before
+    assert_refused_unchanged(ours, bad_inputs(envs))
     assert_same_replay_samples(ref, ours, 1, batch_size=30)
 
 
@@ -755,28 +774,8 @@ def test_dict_rollout_batches_equal_sb3s(seed, n_envs, frame_stack, camera_last,
         ours = CompressedDictRolloutBuffer(*args, device="cpu", gae_lambda=0.95, gamma=0.99, n_envs=n_envs,
                                            compression=compression, frame_stack={"camera": frame_stack},
                                            anchor_interval=3)
-    obs, episode_starts = envs.observe(), np.ones(n_envs, bool)
-    for r in range(rollouts):
-        ref.reset()
-        ours.reset()
-        for _ in range(n_steps):  # as OnPolicyAlgorithm.collect_rollouts
-            action = rng.uniform(-1, 1, (n_envs, 2)).astype(np.float32)
-            reward = rng.normal(size=n_envs).astype(np.float32)
-            value = torch.as_tensor(rng.normal(size=(n_envs, 1)), dtype=torch.float32)
-            log_prob = torch.as_tensor(rng.normal(size=n_envs), dtype=torch.float32)
-            for buf in (ref, ours):
-                buf.add(obs, action, reward, episode_starts, value, log_prob)
-            obs, _, episode_starts, _ = envs.step()
-        last_values = torch.as_tensor(rng.normal(size=(n_envs, 1)), dtype=torch.float32)
-        for buf in (ref, ours):
-            buf.compute_returns_and_advantage(last_values, episode_starts)
-        np.random.seed(seed + r)
-        want = list(ref.get(batch_size))
-        np.random.seed(seed + r)
-        got = list(ours.get(batch_size))
-        assert len(want) == len(got)
-        for a, b in zip(want, got):
-            assert_same_samples(a, b)
+    assert_same_rollout_batches(rng, envs, ref, ours, envs.observe(), rollouts, n_steps, batch_size, seed,
+                                lambda: rng.uniform(-1, 1, (n_envs, 2)).astype(np.float32))
 
 
 def test_dict_layouts_per_key():
@@ -830,8 +829,6 @@ def test_dict_nbytes_count_every_key():
 
 @pytest.mark.parametrize("cls", [CompressedDictReplayBuffer, CompressedNStepReplayBuffer])
 def test_dict_and_nstep_pickle_round_trip_keeps_samples(cls, tmp_path):
-    from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
-
     rng = np.random.default_rng(3)
     if cls is CompressedDictReplayBuffer:
         envs = dict_envs(rng, 2, 4, False, "zeros", False, ("proprio",), odd=0.05)
@@ -841,17 +838,7 @@ def test_dict_and_nstep_pickle_round_trip_keeps_samples(cls, tmp_path):
         envs = StackingEnvs(rng, 2, 4, (1, 6, 6), False, "zeros", p_done=0.1, odd=0.05)
         ref = NStepReplayBuffer(40, envs.observation_space, envs.action_space, device="cpu", n_envs=2, n_steps=4)
         ours = cls(40, envs.observation_space, envs.action_space, device="cpu", n_envs=2, n_steps=4)
-    transitions = list(replay_transitions(envs, 60))
-    for transition in transitions[:50]:
-        ref.add(*transition)
-        ours.add(*transition)
-    save_to_pkl(tmp_path / "buffer.pkl", ours)  # what model.save_replay_buffer does
-    loaded = load_from_pkl(tmp_path / "buffer.pkl")
-    assert type(loaded) is cls and loaded.nbytes <= ours.nbytes
-    for transition in transitions[50:]:
-        ref.add(*transition)
-        loaded.add(*transition)
-    assert_same_replay_samples(ref, loaded, 0, batch_size=100)
+    assert_pickled_replay_continues(envs, ref, ours, tmp_path)
 
 
 def dict_bad_inputs(envs):
@@ -882,11 +869,7 @@ def test_bad_dict_add_raises_naming_the_key_and_leaves_buffers_unchanged():
     for transition in replay_transitions(envs, 15):
         ref.add(*transition)
         ours.add(*transition)
-    before = pickle.dumps(ours)
-    for message, args in dict_bad_inputs(envs):
-        with pytest.raises(ValueError, match=message):
-            ours.add(*args)
-        assert pickle.dumps(ours) == before
+    assert_refused_unchanged(ours, dict_bad_inputs(envs))
     assert_same_replay_samples(ref, ours, 1, batch_size=30)
     rollout = CompressedDictRolloutBuffer(2, envs.observation_space, envs.action_space, device="cpu", n_envs=2,
                                           frame_stack={"camera": 3})

@@ -103,6 +103,18 @@ def assert_same_training(runs):
         assert torch.equal(a, b)
 
 
+def assert_reloaded_buffer_samples_as_sb3s(runs, tmp_path):
+    """save_replay_buffer pickles our run's buffer; loaded back, it samples what SB3's buffer of the other run does."""
+    (base, _), (model, _) = runs
+    model.save_replay_buffer(tmp_path / "replay.pkl")
+    model.replay_buffer = None
+    model.load_replay_buffer(tmp_path / "replay.pkl")
+    np.random.seed(0)
+    want = base.replay_buffer.sample(64)
+    np.random.seed(0)
+    assert_same_samples(want, model.replay_buffer.sample(64))
+
+
 @pytest.mark.slow
 def test_qrdqn_learns_bit_identically_with_full_compression(tmp_path):
     overrides = ["n_timesteps=1500", "algo.hyperparams.buffer_size=600", "algo.hyperparams.learning_starts=300",
@@ -111,15 +123,7 @@ def test_qrdqn_learns_bit_identically_with_full_compression(tmp_path):
     runs = [(short_run("qrdqn", mode, tmp_path / mode, overrides), tmp_path / mode) for mode in ("none", "full")]
     assert type(runs[0][0].replay_buffer) is ReplayBuffer and type(runs[1][0].replay_buffer) is CompressedReplayBuffer
     assert_same_training(runs)
-    # model.save_replay_buffer pickles the buffer; loaded back, it samples what SB3's buffer samples
-    model = runs[1][0]
-    model.save_replay_buffer(tmp_path / "replay.pkl")
-    model.replay_buffer = None
-    model.load_replay_buffer(tmp_path / "replay.pkl")
-    np.random.seed(0)
-    want = runs[0][0].replay_buffer.sample(64)
-    np.random.seed(0)
-    assert_same_samples(want, model.replay_buffer.sample(64))
+    assert_reloaded_buffer_samples_as_sb3s(runs, tmp_path)
 
 
 @pytest.mark.slow
@@ -147,14 +151,8 @@ def test_sac_learns_bit_identically_from_pixels_and_proprioception_with_full_com
     assert type(runs[0][0].replay_buffer) is DictReplayBuffer
     assert type(runs[1][0].replay_buffer) is CompressedDictReplayBuffer
     assert_same_training(runs)
-    model = runs[1][0]  # save_replay_buffer pickles the buffer; loaded back, it samples what SB3's buffer samples
-    model.save_replay_buffer(tmp_path / "replay.pkl")
-    model.replay_buffer = None
-    model.load_replay_buffer(tmp_path / "replay.pkl")
-    np.random.seed(0)
-    want = runs[0][0].replay_buffer.sample(64)
-    np.random.seed(0)
-    assert_same_samples(want, model.replay_buffer.sample(64))
+    assert_reloaded_buffer_samples_as_sb3s(runs, tmp_path)
+    model = runs[1][0]
     assert model.replay_buffer.nbytes < train_atari.buffer_bytes(runs[0][0].replay_buffer)[0] / 4
 
 
