@@ -472,7 +472,7 @@ def test_real_dmc_dict_replay_samples_equal_sb3s():
 
 def assert_pickled_replay_continues(envs, ref, ours, tmp_path):
     """50 transitions into both buffers; ours pickled as model.save_replay_buffer does and loaded back (compacted)
-    takes 10 more and samples what SB3's does."""
+    takes 10 more and samples what SB3's does. Returns the loaded buffer."""
     from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
 
     transitions = list(replay_transitions(envs, 60))
@@ -486,13 +486,14 @@ def assert_pickled_replay_continues(envs, ref, ours, tmp_path):
         ref.add(*transition)
         loaded.add(*transition)
     assert_same_replay_samples(ref, loaded, 0, batch_size=100)
+    return loaded
 
 
 @pytest.mark.parametrize("compression", ["half", "full"])
 def test_pickle_round_trip_keeps_samples(compression, tmp_path):
     envs = StackingEnvs(np.random.default_rng(0), 2, 4, (1, 6, 6), False, "zeros", p_done=0.1, odd=0.05)
     ref, ours = make_replay_pair(envs, 40, compression=compression)
-    assert_pickled_replay_continues(envs, ref, ours, tmp_path)
+    loaded = assert_pickled_replay_continues(envs, ref, ours, tmp_path)
     assert pickle.loads(pickle.dumps(ours)).size() == ours.size()
     if compression == "full":  # the envs' stores still share one set of work rows
         streams = loaded._streams
