@@ -1,10 +1,15 @@
-"""stable-baselines3 buffers that keep stacked image observations compressed in RAM, losslessly.
+"""stable-baselines3 buffers that keep image observations compressed in RAM, losslessly.
 
-    QRDQN("CnnPolicy", env, replay_buffer_class=CompressedReplayBuffer)      # DQN, QR-DQN, any off-policy algorithm
-    PPO("CnnPolicy", env, rollout_buffer_class=CompressedRolloutBuffer)      # PPO, A2C
+    QRDQN("CnnPolicy", env, replay_buffer_class=CompressedReplayBuffer)        # DQN, QR-DQN, SAC, TD3, ...
+    DQN("CnnPolicy", env, replay_buffer_class=CompressedNStepReplayBuffer,
+        replay_buffer_kwargs={"n_steps": 3, "gamma": 0.99})                    # n-step returns
+    SAC("MultiInputPolicy", env, replay_buffer_class=CompressedDictReplayBuffer)  # Dict: camera + proprioception
+    PPO("CnnPolicy", env, rollout_buffer_class=CompressedRolloutBuffer)        # PPO, A2C
+    PPO("MultiInputPolicy", env, rollout_buffer_class=CompressedDictRolloutBuffer)
 
-Both subclass SB3's own buffers and change only where observations are kept. Each env streams its
-frames into one obs_comp frame store (`half`: raw frames, `full`: differentially encoded), and every
+Each subclasses SB3's own buffer of its name and changes only where image observations are kept (the
+Dict buffers: every image key's; other keys are SB3's to store). Each env streams its frames (per
+image key) into one obs_comp frame store (`half`: raw frames, `full`: differentially encoded), and every
 slot where SB3 keeps an observation stack holds a 64-bit stack code instead:
   * a stack equal to the env's previous stack (obs_t is next_obs_{t-1} unless an episode ended)
     reuses the previous stack's code;
@@ -16,8 +21,9 @@ Every rule is checked byte for byte (frame_stacks.py), so every observation come
 SB3's code does everything else: positions, actions, rewards, dones, time-outs and the index draws
 from numpy's global RNG. It indexes the code arrays exactly where it would index observations, and
 the codes are decoded on the way out, so the same add() calls under the same seed give sample() and
-get() batches byte-identical to SB3's ReplayBuffer (optimize_memory_usage=False) and RolloutBuffer.
-Note that `.observations` (and `.next_observations`) therefore hold codes, not images.
+get() batches byte-identical to SB3's ReplayBuffer (optimize_memory_usage=False), NStepReplayBuffer,
+DictReplayBuffer, RolloutBuffer and DictRolloutBuffer. Note that `.observations` (and
+`.next_observations`) therefore hold codes, not images (for Dict buffers: at image keys).
 
 Verified stacks add at most two frames per stored step (a reset obs and a next_obs), so a store of
 `2 * buffer_size + frame_stack` frames (plus _SPARE) holds every frame a stored step refers to; the
@@ -28,15 +34,18 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional
+import sys
+from typing import Any, Callable, Mapping, Optional
 
 import numba
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
-from stable_baselines3.common.preprocessing import get_obs_shape
-from stable_baselines3.common.type_aliases import ReplayBufferSamples, RolloutBufferSamples
+from stable_baselines3.common.buffers import (DictReplayBuffer, DictRolloutBuffer, NStepReplayBuffer, ReplayBuffer,
+                                              RolloutBuffer)
+from stable_baselines3.common.preprocessing import get_obs_shape, is_image_space
+from stable_baselines3.common.type_aliases import (DictReplayBufferSamples, DictRolloutBufferSamples,
+                                                   ReplayBufferSamples, RolloutBufferSamples)
 from stable_baselines3.common.vec_env import VecNormalize
 
 from frame_stacks import (OTHER, RESET_ZEROS, SAME, SHIFTED, StackLayout, decode_stacks, follow_stacks,
@@ -65,6 +74,7 @@ STREAM_STATE = np.dtype([
 # Kernels that call into obs_comp or frame_stacks, or use their constants, are compiled in each process
 # (a few seconds, when its first buffer is built): numba's disk cache would not notice a change in those files.
 _NO_DISK_CACHE = {"cache": False, "nogil": True}
+_FRAMES_UP = 8  # calls between an algorithm's _setup_model and the buffer's check of its n_steps (subclasses add some)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -151,8 +161,10 @@ def stack_layout(observation_space: spaces.Space, frame_stack: int, channels_las
     """Check that the space holds uint8 frame stacks and say where the frames lie (the first or last axis)."""
     if not isinstance(observation_space, spaces.Box) or observation_space.dtype != np.uint8 \
             or len(observation_space.shape) < 2:
+        dict_space = isinstance(observation_space, spaces.Dict)
+        hint = "CompressedDictReplayBuffer or CompressedDictRolloutBuffer" if dict_space else "SB3's own buffer"
         raise ValueError(f"{owner} stores uint8 image observations (a uint8 Box of 2 or more dimensions); "
-                         f"got observation space {observation_space}. Use SB3's own buffer for this space.")
+                         f"got observation space {observation_space}. Use {hint} for this space.")
     shape = observation_space.shape
     if frame_stack < 1:
         raise ValueError(f"{owner}: frame_stack must be >= 1 (1 for observations without frame stacking), "
@@ -368,53 +380,145 @@ class FrameStreams:
         return stacks
 
 
+def dict_layouts(observation_space: spaces.Space, frame_stack: int | Mapping[str, int],
+                 channels_last: Optional[bool] | Mapping[str, Optional[bool]], owner: str) -> dict[str, StackLayout]:
+    """The StackLayout of each image key (SB3's is_image_space) of a Dict space: the keys whose frames go to stores.
+
+    An int frame_stack holds for every image key whose channel axis it divides, and 1 (single frames) for the others;
+    a mapping gives it per key (1 for keys it leaves out). channels_last is guessed by SB3's rule (the smallest axis
+    holds the channels) unless given, for all keys or per key."""
+    if not isinstance(observation_space, spaces.Dict):
+        raise ValueError(f"{owner} stores Dict observations; got observation space {observation_space}. "
+                         "Use CompressedReplayBuffer or CompressedRolloutBuffer for a Box of frames.")
+    images = {key: space for key, space in observation_space.spaces.items() if is_image_space(space)}
+    if not images:
+        raise ValueError(f"{owner}: the observation space has no image key (a uint8 Box (C, H, W) or (H, W, C) of "
+                         f"0..255) to compress: {observation_space}. Use SB3's DictReplayBuffer / DictRolloutBuffer.")
+    for name, setting in (("frame_stack", frame_stack), ("channels_last", channels_last)):
+        unknown = sorted(set(setting) - set(images)) if isinstance(setting, Mapping) else []
+        if unknown:
+            raise ValueError(f"{owner}: {name} names {unknown}, which are not image keys of the observation space "
+                             f"(its image keys: {sorted(images)})")
+    if not isinstance(frame_stack, Mapping) and (isinstance(frame_stack, bool) or not isinstance(frame_stack, int)
+                                                 or frame_stack < 1):
+        raise ValueError(f"{owner}: frame_stack must be an integer >= 1 or a dict of them per image key, "
+                         f"got {frame_stack!r}")
+    layouts = {}
+    for key, space in images.items():
+        last = channels_last.get(key) if isinstance(channels_last, Mapping) else channels_last
+        if last is None:
+            last = int(np.argmin(space.shape)) != 0
+        channels = space.shape[-1 if last else 0]
+        if isinstance(frame_stack, Mapping):
+            stack = frame_stack.get(key, 1)
+        else:
+            stack = frame_stack if channels % frame_stack == 0 else 1
+        try:
+            layouts[key] = StackLayout(space.shape, stack, last)
+        except ValueError as error:
+            raise ValueError(f"{owner}: image key {key!r}: {error}; pass frame_stack={{{key!r}: ...}} and "
+                             f"channels_last={{{key!r}: ...}} to match how its frames are stacked") from None
+    return layouts
+
+
+def _algorithm_building_buffer() -> Any:
+    """The SB3 off-policy algorithm whose _setup_model is building the buffer being built, or None.
+
+    SB3 hands a replay_buffer_class of the user's neither its n_steps nor its gamma (it only warns that n_steps
+    is ignored), so the buffer finds the algorithm among the frames that call it."""
+    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+    frame = sys._getframe(1)
+    for _ in range(_FRAMES_UP):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name == "_setup_model" and isinstance(owner, OffPolicyAlgorithm):
+            return owner
+    return None
+
+
+def _check_algorithm_returns(owner: str, n_steps: Optional[int], gamma: Optional[float], hint: str) -> None:
+    """Raise ValueError where the algorithm building this buffer asks for other returns than the buffer gives (n_steps
+    None: 1-step returns), rather than train silently on them; `hint` says what to use instead."""
+    algorithm = _algorithm_building_buffer()
+    if algorithm is None:
+        return
+    asked, name = algorithm.n_steps, type(algorithm).__name__
+    if n_steps is None and asked > 1:
+        raise ValueError(f"{name}(n_steps={asked}) asks for {asked}-step returns, which {owner} does not compute "
+                         f"(stable-baselines3 would only warn and train on 1-step returns): {hint}")
+    if n_steps is not None and ((asked > 1 and asked != n_steps) or gamma != algorithm.gamma):
+        raise ValueError(f"{name}(n_steps={asked}, gamma={algorithm.gamma}) builds {owner}(n_steps={n_steps}, "
+                         f"gamma={gamma}): pass replay_buffer_kwargs={{'n_steps': {max(asked, n_steps)}, "
+                         f"'gamma': {algorithm.gamma}}}")
+
+
+class _Batch:
+    """The codes a replay batch will ask to decode, per image key: the first asked for is decoded in one call with the
+    others (they share frames), and each decoded array is handed out once (two tensors never share memory)."""
+
+    def __init__(self, together: dict[Any, list[np.ndarray]]):
+        self.together = together
+        self.ready: dict[Any, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.fresh: list[np.ndarray] = []  # decoded arrays nothing else holds: they become tensors without a copy
+
+    def stacks(self, key: Any, streams: FrameStreams, codes: np.ndarray) -> np.ndarray:
+        """The stacks of codes (M, 1) of key's streams."""
+        ready = self.ready.setdefault(key, [])
+        for i, (decoded_codes, stacks) in enumerate(ready):
+            if np.array_equal(decoded_codes, codes):
+                return ready.pop(i)[1]
+        others = self.together.pop(key, [])
+        for i, other in enumerate(others):  # these very codes were foreseen: decoded once
+            if np.array_equal(other, codes):
+                del others[i]
+                break
+        if not others:
+            return streams.decode(codes)
+        stacks = streams.decode(np.concatenate([codes, *others]))
+        at = len(codes)
+        for other in others:
+            ready.append((other, stacks[at:at + len(other)]))
+            at += len(other)
+        return stacks[:len(codes)]
+
+
 class _StreamBytes:
-    """nbytes and bytes_per_step of an SB3 buffer whose observations live in `self._streams` (FrameStreams)."""
+    """nbytes and bytes_per_step of an SB3 buffer whose observations live in FrameStreams (_frame_streams())."""
 
     _streams: FrameStreams
+
+    def _frame_streams(self) -> list[FrameStreams]:
+        return [self._streams]
 
     @property
     def nbytes(self) -> int:
         """Every byte the buffer holds: SB3's arrays (codes, actions, rewards, ...) and the frames."""
-        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray)) + self._streams.nbytes
+        return sb3_nbytes(self) + sum(streams.nbytes for streams in self._frame_streams())
 
     @property
     def bytes_per_step(self) -> float:
         """RAM per stored step when full: capacity-sized arrays over capacity, stored frames over steps stored."""
-        return bytes_per_step(self.nbytes, self._streams.content_nbytes, self.buffer_size * self.n_envs,
-                              self.size() * self.n_envs)
+        content = sum(streams.content_nbytes for streams in self._frame_streams())
+        return bytes_per_step(self.nbytes, content, self.buffer_size * self.n_envs, self.size() * self.n_envs)
 
 
-class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
-    """SB3's ReplayBuffer with each frame stored once, differentially encoded ('full') or raw ('half'); same samples."""
+def sb3_nbytes(buffer: Any) -> int:
+    """Bytes of an SB3 buffer's numpy arrays, those in dicts (Dict observations) included."""
+    values = [v for value in vars(buffer).values() for v in (value.values() if isinstance(value, dict) else (value,))]
+    return sum(v.nbytes for v in values if isinstance(v, np.ndarray))
 
-    def __init__(self, buffer_size: int, observation_space: spaces.Space, action_space: spaces.Space,
-                 device: th.device | str = "auto", n_envs: int = 1, optimize_memory_usage: bool = False,
-                 handle_timeout_termination: bool = True, *, compression: str = "full", frame_stack: int = 4,
-                 channels_last: Optional[bool] = None, key_interval: int = KEY_INTERVAL,
-                 anchor_interval: int = ANCHOR_INTERVAL, **full_options: Any):
-        if optimize_memory_usage:
-            raise ValueError("CompressedReplayBuffer stores each frame once already; optimize_memory_usage=True "
-                             "(which also gets next_obs wrong at time-outs) is not supported")
-        layout = stack_layout(observation_space, frame_stack, channels_last, type(self).__name__)
-        steps_per_env = max(buffer_size // n_envs, 1)
-        self._streams = FrameStreams(layout, n_envs, 2 * steps_per_env + frame_stack + _SPARE, True, compression,
-                                     key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
-        self.compression = compression
-        self._plain_signature: Optional[tuple] = None  # (type, dtype, shape) of plain action, reward and done
-        # while _get_samples runs: codes and stacks decoded ahead, and the halves of them not handed out yet
-        self._decoded: Optional[tuple[np.ndarray, np.ndarray, list[slice]]] = None
-        self._fresh: Optional[list[np.ndarray]] = None  # observations decoded for the batch _get_samples is making
-        # SB3 builds (and checks free RAM for) observation arrays of the space it is given: codes.
-        super().__init__(buffer_size, _CODE_SPACE, action_space, device, n_envs, False, handle_timeout_termination)
-        self.observation_space = observation_space
-        self.obs_shape = get_obs_shape(observation_space)
 
-    def add(self, obs: np.ndarray, next_obs: np.ndarray, action: np.ndarray, reward: np.ndarray,
-            done: np.ndarray, infos: list[dict[str, Any]]) -> None:
-        """SB3's add(); observations are stored as frames. ValueError on bad input, with the buffer unchanged."""
-        obs = self._streams.check(obs, "obs")
-        next_obs = self._streams.check(next_obs, "next_obs")
+class _CompressedReplay(_StreamBytes):
+    """What the Box and Dict replay buffers share: add()'s checks of plain values, the frames of the oldest steps let
+    go, and batches decoded from the codes SB3 indexes."""
+
+    _plain_signature: Optional[tuple] = None  # (type, dtype, shape) of plain action, reward and done
+    _batch: Optional[_Batch] = None  # while _get_samples runs
+
+    def _check_step(self, action: Any, reward: Any, done: Any, infos: Any) -> None:
+        """Raise ValueError unless SB3's add() stores these values; values of a signature found plain pass at once."""
         try:  # what _plain() decides on, for numpy arrays
             signature = (type(action), action.dtype, action.shape, type(reward), reward.dtype, reward.shape,
                          type(done), done.dtype, done.shape)
@@ -422,15 +526,6 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
             signature = ()
         if signature != self._plain_signature or not _plain_infos(infos, self.n_envs):
             self._check_values(action, reward, done, infos, signature)
-        obs_codes, next_codes = self._streams.encode_transition(obs, next_obs)
-        if self.full:  # only now: an add that failed part-way leaves the slot's whole stacks in use
-            self._streams.drop(self.observations[self.pos], self.next_observations[self.pos])
-        super().add(obs_codes[:, None], next_codes[:, None], action, reward, done, infos)
-        # the oldest stored step changes only when the ring is full (its frames go back every few steps) or was empty
-        if self.full and self.pos % _RELEASE_EVERY == 0 or self.pos == 1:
-            oldest = self.pos if self.full else 0
-            self._streams.release_before(np.concatenate([self.observations[oldest], self.next_observations[oldest]],
-                                                        axis=1))
 
     def _check_values(self, action: Any, reward: Any, done: Any, infos: Any, signature: tuple) -> None:
         """Raise ValueError unless SB3's add() stores these values: before any frame is stored. Values of a
@@ -448,50 +543,259 @@ class CompressedReplayBuffer(_StreamBytes, ReplayBuffer):
                              done=(self.dones[0], lambda: np.array(done)),
                              **(timeouts if self.handle_timeout_termination else {}))
 
+    def _free_overwritten(self, streams: FrameStreams, observations: np.ndarray, next_observations: np.ndarray) -> None:
+        """Before SB3's add() overwrites slot pos: the stacks it kept whole are free. Only once the new step's frames
+        are stored: an add that failed part-way leaves them in use."""
+        if self.full:
+            streams.drop(observations[self.pos], next_observations[self.pos])
+
+    def _release_oldest(self, streams: FrameStreams, observations: np.ndarray, next_observations: np.ndarray) -> None:
+        """After SB3's add(): the oldest stored step changes only when the ring is full (its frames go back every few
+        steps) or was empty."""
+        if self.full and self.pos % _RELEASE_EVERY == 0 or self.pos == 1:
+            oldest = self.pos if self.full else 0
+            streams.release_before(np.concatenate([observations[oldest], next_observations[oldest]], axis=1))
+
     def reset(self) -> None:
         """Forget every stored transition (SB3's reset) and the frames they held."""
         super().reset()
-        self._streams.drop_all()
-        self._streams.release_all()
+        for streams in self._frame_streams():
+            streams.drop_all()
+            streams.release_all()
 
-    def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> ReplayBufferSamples:
-        """SB3's batch; with one env, the observations and next observations it will index are decoded together
-        (they share frames)."""
-        self._fresh = []
-        if self.n_envs == 1:  # every sampled step is env 0's
-            codes = np.concatenate([self.observations[batch_inds, 0], self.next_observations[batch_inds, 0]])
-            halves = [slice(0, len(batch_inds)), slice(len(batch_inds), None)]
-            self._decoded = codes, self._streams.decode(codes), halves
+    def _decoded(self, key: Any, streams: FrameStreams, codes: np.ndarray) -> np.ndarray:
+        """The stacks of codes: decoded with the batch's others if a batch is being made."""
+        if self._batch is None:
+            return streams.decode(codes)
+        stacks = self._batch.stacks(key, streams, codes)
+        self._batch.fresh.append(stacks)
+        return stacks
+
+    def _sample_with(self, together: dict[Any, list[np.ndarray]], batch_inds: np.ndarray,
+                     env: Optional[VecNormalize]) -> Any:
+        """SB3's _get_samples, the codes `together` (per image key) decoded in one call when first asked for."""
+        self._batch = _Batch(together)
         try:
             return super()._get_samples(batch_inds, env)
         finally:
-            self._decoded, self._fresh = None, None
-
-    def _normalize_obs(self, obs: np.ndarray, env: Optional[VecNormalize] = None) -> np.ndarray:
-        """SB3's _get_samples passes the observations it indexed through here: the stacks of those codes (decoded
-        ahead by _get_samples where it foresaw them), normalized as SB3 does."""
-        decoded = None
-        if self._decoded is not None:
-            codes, stacks, parts = self._decoded
-            for part in parts:
-                if np.array_equal(codes[part], obs):  # each half once: two tensors never share memory
-                    decoded = stacks[part]
-                    parts.remove(part)
-                    break
-        if decoded is None:
-            decoded = self._streams.decode(obs)
-        normalized = super()._normalize_obs(decoded, env)
-        if self._fresh is not None and normalized is decoded:
-            self._fresh.append(decoded)
-        return normalized
+            self._batch = None
 
     def to_torch(self, array: np.ndarray, copy: bool = True) -> th.Tensor:
         """SB3's to_torch; observations decoded for the batch being made are arrays nothing else holds, and become
         tensors without another copy."""
-        return super().to_torch(array, copy and not (self._fresh and any(array is a for a in self._fresh)))
+        return super().to_torch(array, copy and not (self._batch is not None
+                                                     and any(array is a for a in self._batch.fresh)))
 
 
-class CompressedRolloutBuffer(_StreamBytes, RolloutBuffer):
+class CompressedReplayBuffer(_CompressedReplay, ReplayBuffer):
+    """SB3's ReplayBuffer with each frame stored once, differentially encoded ('full') or raw ('half'); same samples."""
+
+    def __init__(self, buffer_size: int, observation_space: spaces.Space, action_space: spaces.Space,
+                 device: th.device | str = "auto", n_envs: int = 1, optimize_memory_usage: bool = False,
+                 handle_timeout_termination: bool = True, *, compression: str = "full", frame_stack: int = 4,
+                 channels_last: Optional[bool] = None, key_interval: int = KEY_INTERVAL,
+                 anchor_interval: int = ANCHOR_INTERVAL, **full_options: Any):
+        owner = type(self).__name__
+        if optimize_memory_usage:
+            raise ValueError(f"{owner} stores each frame once already; optimize_memory_usage=True "
+                             "(which also gets next_obs wrong at time-outs) is not supported")
+        _refuse_return_options(owner, full_options)
+        if not isinstance(self, NStepReplayBuffer):
+            _check_algorithm_returns(owner, None, None, "use replay_buffer_class=CompressedNStepReplayBuffer with "
+                                     "replay_buffer_kwargs={'n_steps': ..., 'gamma': ...}")
+        layout = stack_layout(observation_space, frame_stack, channels_last, owner)
+        steps_per_env = max(buffer_size // n_envs, 1)
+        self._streams = FrameStreams(layout, n_envs, 2 * steps_per_env + frame_stack + _SPARE, True, compression,
+                                     key_interval, anchor_interval, **{**FULL_OPTIONS, **full_options})
+        self.compression = compression
+        # SB3 builds (and checks free RAM for) observation arrays of the space it is given: codes.
+        super().__init__(buffer_size, _CODE_SPACE, action_space, device, n_envs, False, handle_timeout_termination)
+        self.observation_space = observation_space
+        self.obs_shape = get_obs_shape(observation_space)
+
+    def add(self, obs: np.ndarray, next_obs: np.ndarray, action: np.ndarray, reward: np.ndarray,
+            done: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        """SB3's add(); observations are stored as frames. ValueError on bad input, with the buffer unchanged."""
+        obs = self._streams.check(obs, "obs")
+        next_obs = self._streams.check(next_obs, "next_obs")
+        self._check_step(action, reward, done, infos)
+        obs_codes, next_codes = self._streams.encode_transition(obs, next_obs)
+        self._free_overwritten(self._streams, self.observations, self.next_observations)
+        super().add(obs_codes[:, None], next_codes[:, None], action, reward, done, infos)
+        self._release_oldest(self._streams, self.observations, self.next_observations)
+
+    def _decoded_together(self, batch_inds: np.ndarray) -> list[np.ndarray]:
+        """Codes of the batch that SB3's _get_samples will ask to decode, where foreseen: with one env every sampled
+        step is env 0's, and its obs and next_obs share frames."""
+        return [self.observations[batch_inds, 0], self.next_observations[batch_inds, 0]] if self.n_envs == 1 else []
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> ReplayBufferSamples:
+        """SB3's batch, its observations decoded from the codes SB3 indexed."""
+        return self._sample_with({None: self._decoded_together(batch_inds)}, batch_inds, env)
+
+    def _normalize_obs(self, obs: np.ndarray, env: Optional[VecNormalize] = None) -> np.ndarray:
+        """SB3's _get_samples passes the observations it indexed through here: the stacks of those codes, normalized
+        as SB3 does."""
+        decoded = self._decoded(None, self._streams, obs)
+        return super()._normalize_obs(decoded, env)
+
+
+class CompressedNStepReplayBuffer(CompressedReplayBuffer, NStepReplayBuffer):
+    """SB3's NStepReplayBuffer (n-step returns) with CompressedReplayBuffer's frames; the same samples."""
+
+    def __init__(self, buffer_size: int, observation_space: spaces.Space, action_space: spaces.Space,
+                 device: th.device | str = "auto", n_envs: int = 1, optimize_memory_usage: bool = False,
+                 handle_timeout_termination: bool = True, n_steps: int = 3, gamma: float = 0.99, **kwargs: Any):
+        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+            raise ValueError(f"{type(self).__name__}: n_steps must be an integer >= 1, got {n_steps!r}")
+        _check_algorithm_returns(type(self).__name__, int(n_steps), gamma, "")
+        super().__init__(buffer_size, observation_space, action_space, device, n_envs, optimize_memory_usage,
+                         handle_timeout_termination, **kwargs)
+        # SB3's NStepReplayBuffer.__init__, reached through super(), set its defaults
+        self.n_steps, self.gamma = int(n_steps), gamma
+
+    def _decoded_together(self, batch_inds: np.ndarray) -> list[np.ndarray]:
+        """SB3 asks for the next_obs at each window's end first, then for obs: both decoded in one call (one env)."""
+        return [self.observations[batch_inds, 0]] if self.n_envs == 1 else []
+
+
+def _refuse_return_options(owner: str, options: dict[str, Any]) -> None:
+    """ValueError for n_steps/gamma given to a 1-step buffer (half would ignore them, full fail obscurely)."""
+    given = sorted({"n_steps", "gamma"} & set(options))
+    if given:
+        raise ValueError(f"{owner} computes 1-step returns and takes no {' or '.join(given)}: use "
+                         "CompressedNStepReplayBuffer for n-step returns")
+
+
+class _DictObservations:
+    """Dict observations of a compressed buffer: image keys in one FrameStreams each (_key_streams), other keys as SB3
+    stores them."""
+
+    _key_streams: dict[str, FrameStreams]
+
+    def _frame_streams(self) -> list[FrameStreams]:
+        return list(self._key_streams.values())
+
+    def _code_space(self) -> spaces.Dict:
+        """The space SB3 is shown when it builds its observation arrays: one int64 code per slot for image keys."""
+        return spaces.Dict({key: _CODE_SPACE if key in self._key_streams else space
+                            for key, space in self.observation_space.spaces.items()})
+
+    def _checked_obs(self, obs: Any, name: str, rows: dict[str, np.ndarray], array_first: bool) -> dict[str, Any]:
+        """obs as a dict of the space's keys, image keys as checked stacks (FrameStreams.check); ValueError naming a key
+        that is missing or that SB3's add() could not store in its row (rows: a slot's rows per key). SB3's replay
+        add() reshapes Discrete values itself, its rollout add() after np.array (array_first)."""
+        if not isinstance(obs, Mapping):
+            raise ValueError(f"{name} must be a dict with the observation space's keys "
+                             f"{list(self.observation_space.spaces)}; got {type(obs).__name__}")
+        checked = {}
+        for key, space in self.observation_space.spaces.items():
+            label = f"{name}[{key!r}]"
+            if key not in obs:
+                raise ValueError(f"{name} has no key {key!r}")
+            value = obs[key]
+            if key in self._key_streams:
+                checked[key] = self._key_streams[key].check(value, label)
+                continue
+            if not _plain(value, rows[key]):
+                shape = (self.n_envs, *self.obs_shape[key])
+                if not isinstance(space, spaces.Discrete):
+                    convert = functools.partial(np.array, value)
+                elif array_first:
+                    convert = lambda: np.array(value).reshape(shape)  # noqa: E731
+                else:
+                    convert = lambda: np.array(value.reshape(shape))  # noqa: E731
+                _check_sb3_can_store(**{label: (rows[key], convert)})
+            checked[key] = value
+        return checked
+
+
+class CompressedDictReplayBuffer(_DictObservations, _CompressedReplay, DictReplayBuffer):
+    """SB3's DictReplayBuffer with each image key's frames stored once (one stream per key and env); same samples."""
+
+    def __init__(self, buffer_size: int, observation_space: spaces.Dict, action_space: spaces.Space,
+                 device: th.device | str = "auto", n_envs: int = 1, optimize_memory_usage: bool = False,
+                 handle_timeout_termination: bool = True, *, compression: str = "full",
+                 frame_stack: int | Mapping[str, int] = 4,
+                 channels_last: Optional[bool] | Mapping[str, Optional[bool]] = None,
+                 key_interval: int = KEY_INTERVAL, anchor_interval: int = ANCHOR_INTERVAL, **full_options: Any):
+        owner = type(self).__name__
+        if optimize_memory_usage:
+            raise ValueError(f"{owner} stores each frame once already; optimize_memory_usage=True is not supported "
+                             "(nor by SB3's DictReplayBuffer)")
+        _refuse_return_options(owner, full_options)
+        _check_algorithm_returns(owner, None, None, "neither stable-baselines3 nor sb3_buffers has an n-step buffer "
+                                 "for Dict observations; use n_steps=1")
+        layouts = dict_layouts(observation_space, frame_stack, channels_last, owner)
+        steps_per_env = max(buffer_size // n_envs, 1)
+        self._key_streams = {key: FrameStreams(layout, n_envs, 2 * steps_per_env + layout.frame_stack + _SPARE, True,
+                                               compression, key_interval, anchor_interval,
+                                               **{**FULL_OPTIONS, **full_options})
+                             for key, layout in layouts.items()}
+        self.compression = compression
+        self.observation_space = observation_space
+        super().__init__(buffer_size, self._code_space(), action_space, device, n_envs, False,
+                         handle_timeout_termination)
+        self.observation_space = observation_space
+        self.obs_shape = get_obs_shape(observation_space)
+
+    def add(self, obs: dict[str, np.ndarray], next_obs: dict[str, np.ndarray], action: np.ndarray,
+            reward: np.ndarray, done: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        """SB3's add(); image keys are stored as frames. ValueError naming the key on bad input, buffer unchanged."""
+        obs = self._checked_obs(obs, "obs", {key: rows[0] for key, rows in self.observations.items()}, False)
+        next_rows = {key: rows[0] for key, rows in self.next_observations.items()}
+        next_obs = self._checked_obs(next_obs, "next_obs", next_rows, False)
+        self._check_step(action, reward, done, infos)
+        codes = {key: streams.encode_transition(obs[key], next_obs[key]) for key, streams in self._key_streams.items()}
+        for key, streams in self._key_streams.items():
+            self._free_overwritten(streams, self.observations[key], self.next_observations[key])
+        super().add({**obs, **{key: c[0][:, None] for key, c in codes.items()}},
+                    {**next_obs, **{key: c[1][:, None] for key, c in codes.items()}}, action, reward, done, infos)
+        for key, streams in self._key_streams.items():
+            self._release_oldest(streams, self.observations[key], self.next_observations[key])
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> DictReplayBufferSamples:
+        """SB3's batch, image keys decoded from the codes SB3 indexed (with one env, each key's obs and next_obs
+        together)."""
+        together = {key: [self.observations[key][batch_inds, 0], self.next_observations[key][batch_inds, 0]]
+                    for key in self._key_streams} if self.n_envs == 1 else {}
+        return self._sample_with(together, batch_inds, env)
+
+    def _normalize_obs(self, obs: dict[str, np.ndarray],
+                       env: Optional[VecNormalize] = None) -> dict[str, np.ndarray]:
+        """SB3's _get_samples passes the observations it indexed through here: image keys' stacks of those codes,
+        normalized as SB3 does."""
+        decoded = dict(obs)
+        for key, streams in self._key_streams.items():
+            decoded[key] = self._decoded(key, streams, obs[key])
+        return super()._normalize_obs(decoded, env)
+
+
+class _CompressedRollout(_StreamBytes):
+    """What the Box and Dict rollout buffers share: add()'s checks of values."""
+
+    def _check_step(self, action: Any, reward: Any, episode_start: Any, value: Any, log_prob: Any) -> None:
+        """Raise ValueError unless SB3's add() stores these values: before any frame is stored."""
+        if _plain(action, self.actions[0], reshaped=True) and _plain(reward, self.rewards[0]) \
+                and _plain(episode_start, self.episode_starts[0]) and _plain(value, self.values[0], True, True) \
+                and _plain(log_prob, self.log_probs[0], True):
+            return
+        _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
+                       episode_start=(episode_start, None), value=(value, self.n_envs),
+                       log_prob=(log_prob, self.n_envs))
+        _check_sb3_can_store(action=(self.actions[0], lambda: np.array(action.reshape((self.n_envs, self.action_dim)))),
+                             reward=(self.rewards[0], lambda: np.array(reward)),
+                             episode_start=(self.episode_starts[0], lambda: np.array(episode_start)),
+                             value=(self.values[0], lambda: value.clone().cpu().numpy().flatten()),
+                             log_prob=(self.log_probs[0], lambda: (log_prob.reshape(-1, 1) if len(log_prob.shape) == 0
+                                                                   else log_prob).clone().cpu().numpy()))
+
+    def _check_room(self) -> None:
+        if self.pos >= self.buffer_size:
+            raise ValueError(f"the rollout buffer already holds {self.buffer_size} steps; reset() it first")
+
+
+class CompressedRolloutBuffer(_CompressedRollout, RolloutBuffer):
     """SB3's RolloutBuffer with each frame stored once, differentially encoded ('full') or raw ('half'); same batches."""
 
     def __init__(self, buffer_size: int, observation_space: spaces.Space, action_space: spaces.Space,
@@ -522,25 +826,9 @@ class CompressedRolloutBuffer(_StreamBytes, RolloutBuffer):
             value: th.Tensor, log_prob: th.Tensor) -> None:
         """SB3's add(); observations are stored as frames. ValueError on bad input, with the buffer unchanged."""
         obs = self._streams.check(obs, "obs")
-        if self.pos >= self.buffer_size:
-            raise ValueError(f"the rollout buffer already holds {self.buffer_size} steps; reset() it first")
-        if not (_plain(action, self.actions[0], reshaped=True) and _plain(reward, self.rewards[0])
-                and _plain(episode_start, self.episode_starts[0]) and _plain(value, self.values[0], True, True)
-                and _plain(log_prob, self.log_probs[0], True)):
-            self._check_values(action, reward, episode_start, value, log_prob)
+        self._check_room()
+        self._check_step(action, reward, episode_start, value, log_prob)
         super().add(self._streams.encode(obs)[:, None], action, reward, episode_start, value, log_prob)
-
-    def _check_values(self, action: Any, reward: Any, episode_start: Any, value: Any, log_prob: Any) -> None:
-        """Raise ValueError unless SB3's add() stores these values: before any frame is stored."""
-        _check_per_env(self, action=(action, self.n_envs * self.action_dim), reward=(reward, None),
-                       episode_start=(episode_start, None), value=(value, self.n_envs),
-                       log_prob=(log_prob, self.n_envs))
-        _check_sb3_can_store(action=(self.actions[0], lambda: np.array(action.reshape((self.n_envs, self.action_dim)))),
-                             reward=(self.rewards[0], lambda: np.array(reward)),
-                             episode_start=(self.episode_starts[0], lambda: np.array(episode_start)),
-                             value=(self.values[0], lambda: value.clone().cpu().numpy().flatten()),
-                             log_prob=(self.log_probs[0], lambda: (log_prob.reshape(-1, 1) if len(log_prob.shape) == 0
-                                                                   else log_prob).clone().cpu().numpy()))
 
     def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> RolloutBufferSamples:
         """SB3's minibatch, its observations decoded from the codes SB3 indexed."""
@@ -548,6 +836,54 @@ class CompressedRolloutBuffer(_StreamBytes, RolloutBuffer):
         # decoded into a new array that nothing else holds: it becomes the tensor without another copy
         return samples._replace(observations=self.to_torch(self._streams.decode(self.observations[batch_inds]),
                                                            copy=False))
+
+
+class CompressedDictRolloutBuffer(_DictObservations, _CompressedRollout, DictRolloutBuffer):
+    """SB3's DictRolloutBuffer with each image key's frames stored once (one stream per key and env); same batches."""
+
+    def __init__(self, buffer_size: int, observation_space: spaces.Dict, action_space: spaces.Space,
+                 device: th.device | str = "auto", gae_lambda: float = 1, gamma: float = 0.99, n_envs: int = 1, *,
+                 compression: str = "full", frame_stack: int | Mapping[str, int] = 4,
+                 channels_last: Optional[bool] | Mapping[str, Optional[bool]] = None,
+                 key_interval: int = KEY_INTERVAL, anchor_interval: int = ANCHOR_INTERVAL, **full_options: Any):
+        layouts = dict_layouts(observation_space, frame_stack, channels_last, type(self).__name__)
+        # as CompressedRolloutBuffer's, per image key
+        self._key_streams = {key: FrameStreams(layout, n_envs, buffer_size + layout.frame_stack + _SPARE, False,
+                                               compression, key_interval, anchor_interval,
+                                               **{**FULL_OPTIONS, **full_options})
+                             for key, layout in layouts.items()}
+        self.compression = compression
+        super().__init__(buffer_size, observation_space, action_space, device, gae_lambda, gamma, n_envs)
+
+    def reset(self) -> None:
+        """SB3's reset, with one int64 code per slot of image keys; the frames of the last rollout are let go."""
+        space, shape = self.observation_space, self.obs_shape
+        # what SB3 allocates observations for
+        self.observation_space = self._code_space()
+        self.obs_shape = {key: (1,) if key in self._key_streams else s for key, s in shape.items()}
+        try:
+            super().reset()
+        finally:
+            self.observation_space, self.obs_shape = space, shape
+        for streams in self._key_streams.values():
+            streams.restart()
+
+    def add(self, obs: dict[str, np.ndarray], action: np.ndarray, reward: np.ndarray, episode_start: np.ndarray,
+            value: th.Tensor, log_prob: th.Tensor) -> None:
+        """SB3's add(); image keys are stored as frames. ValueError naming the key on bad input, buffer unchanged."""
+        obs = self._checked_obs(obs, "obs", {key: rows[0] for key, rows in self.observations.items()}, True)
+        self._check_room()
+        self._check_step(action, reward, episode_start, value, log_prob)
+        codes = {key: streams.encode(obs[key])[:, None] for key, streams in self._key_streams.items()}
+        super().add({**obs, **codes}, action, reward, episode_start, value, log_prob)
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Optional[VecNormalize] = None) -> DictRolloutBufferSamples:
+        """SB3's minibatch, image keys decoded from the codes SB3 indexed."""
+        samples = super()._get_samples(batch_inds, env)
+        observations = dict(samples.observations)
+        for key, streams in self._key_streams.items():  # new arrays nothing else holds: tensors without a copy
+            observations[key] = self.to_torch(streams.decode(self.observations[key][batch_inds]), copy=False)
+        return samples._replace(observations=observations)
 
 
 def _check_per_env(buffer: Any, **values: tuple[Any, Optional[int]]) -> None:

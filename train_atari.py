@@ -1,20 +1,28 @@
-"""Train stable-baselines3 QR-DQN or PPO on an Atari game with SB3's own buffer (none) or a compressed one (half/full).
+"""Train stable-baselines3 QR-DQN or PPO on an Atari game, or SAC or TD3 on a pixel DMC task, with SB3's own buffer
+(none) or a compressed one (half/full).
 
     python train_atari.py algo=qrdqn env=PongNoFrameskip-v4 compression=full
+    python train_atari.py algo=qrdqn env=PongNoFrameskip-v4 compression=full n_steps=3   # n-step returns
     python train_atari.py algo=ppo env=BreakoutNoFrameskip-v4 compression=none seed=2
+    python train_atari.py algo=sac env=walker_walk compression=full       # camera + proprioception (Dict)
+    python train_atari.py algo=td3 env=cheetah_run dmc.proprio=false      # camera only
     python train_atari.py -m hydra/launcher=joblib algo=qrdqn,ppo env=PongNoFrameskip-v4,BreakoutNoFrameskip-v4 \
         compression=none,full seed=1,2,3
 
 Hyperparameters are the RL Zoo's for Atari (cfgs_atari/algo), with the paper's 100k-transition buffer for
-QR-DQN. A run writes train.csv (a row per finished game: reward, length, fps, the buffer's bytes and bytes
-per stored step, the latest losses) and config.yaml into its directory, SB3's TensorBoard logs into tb/
-(use_tb=true) and model.zip (save_model=true).
+QR-DQN; SAC and TD3 take SB3's defaults with DrQ-v2's action repeat, 3 stacked frames and seed steps.
+n_steps > 1 gives the off-policy algorithms n-step returns (SB3's NStepReplayBuffer, or ours). A run writes
+train.csv (a row per finished episode: reward, length, fps, the buffer's bytes and bytes per stored step,
+the latest losses) and config.yaml into its directory, SB3's TensorBoard logs into tb/ (use_tb=true) and
+model.zip (save_model=true).
 """
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,24 +31,30 @@ import gymnasium as gym
 import hydra
 import numpy as np
 import torch
+from gymnasium import spaces
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from sb3_contrib import QRDQN
-from stable_baselines3 import PPO
+from stable_baselines3 import PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.env_util import make_atari_env
+from stable_baselines3.common.env_util import make_atari_env, make_vec_env
+from stable_baselines3.common.noise import NormalActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecEnv, VecFrameStack
 
 import utils  # noqa: F401  (registers the sweep_suffix resolver that cfgs_atari/config.yaml uses)
-from sb3_buffers import CompressedReplayBuffer, CompressedRolloutBuffer
+from sb3_buffers import (CompressedDictReplayBuffer, CompressedNStepReplayBuffer, CompressedReplayBuffer,
+                         CompressedRolloutBuffer, sb3_nbytes)
 
 gym.register_envs(ale_py)
 
-ALGOS = {"qrdqn": QRDQN, "ppo": PPO}
+ALGOS = {"qrdqn": QRDQN, "ppo": PPO, "sac": SAC, "td3": TD3}
+CONTINUOUS = ("sac", "td3")  # on DMC tasks; the others on Atari games
 COMPRESSION_MODES = ("none", "half", "full")
-LOSSES = {"qrdqn": ("loss",), "ppo": ("loss", "policy_gradient_loss", "value_loss", "entropy_loss")}
+LOSSES = {"qrdqn": ("loss",), "ppo": ("loss", "policy_gradient_loss", "value_loss", "entropy_loss"),
+          "sac": ("actor_loss", "critic_loss", "ent_coef", "ent_coef_loss"), "td3": ("actor_loss", "critic_loss")}
 CSV_FIELDS = ("step", "episode", "episode_reward", "episode_length", "fps", "total_time", "buffer_size",
               "buffer_bytes", "buffer_bytes_per_step")
 
@@ -52,16 +66,29 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(f"algo.name={cfg.algo.name!r} is unknown; allowed: {', '.join(ALGOS)}")
     if cfg.compression.mode not in COMPRESSION_MODES:
         problems.append(f"compression.mode={cfg.compression.mode!r} is unknown; allowed: {', '.join(COMPRESSION_MODES)}")
-    for key in ("algo.n_envs", "algo.frame_stack", "n_timesteps", "compression.key_interval",
-                "compression.anchor_interval"):
+    for key in ("algo.n_envs", "algo.frame_stack", "n_timesteps", "n_steps", "compression.key_interval",
+                "compression.anchor_interval", "dmc.action_repeat", "dmc.image_size"):
         value = OmegaConf.select(cfg, key, default=1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{key}={value!r} is invalid; allowed: an integer >= 1")
-    try:
-        gym.spec(cfg.env)
-    except gym.error.Error as error:
-        problems.append(f"env={cfg.env!r} is not a registered environment ({error}); "
-                        "Atari games are named like PongNoFrameskip-v4")
+    if cfg.algo.name in CONTINUOUS:
+        from envs import dmc
+        if not dmc.is_task(cfg.env):
+            problems.append(f"env={cfg.env!r} is not a DMC task; algo={cfg.algo.name} trains on pixel DMC tasks "
+                            "such as env=walker_walk")
+    else:
+        try:
+            gym.spec(cfg.env)
+        except gym.error.Error as error:
+            problems.append(f"env={cfg.env!r} is not a registered environment ({error}); "
+                            "Atari games are named like PongNoFrameskip-v4")
+    if isinstance(cfg.n_steps, int) and cfg.n_steps > 1:
+        if not issubclass(ALGOS.get(cfg.algo.name, PPO), OffPolicyAlgorithm):
+            problems.append(f"n_steps={cfg.n_steps} (n-step returns) is for the off-policy algorithms; "
+                            f"{cfg.algo.name}'s rollout length is algo.hyperparams.n_steps")
+        elif observes_dict(cfg):
+            problems.append(f"n_steps={cfg.n_steps}: SB3 has no n-step buffer for Dict observations "
+                            "(camera + proprioception); use dmc.proprio=false for the camera alone")
     if problems:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -75,27 +102,65 @@ def hyperparams(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
+def observes_dict(cfg: DictConfig) -> bool:
+    """Whether the env observes a Dict: a DMC task's camera and proprioception."""
+    return cfg.algo.name in CONTINUOUS and cfg.dmc.proprio
+
+
+def gamma(cfg: DictConfig) -> float:
+    """The algorithm's discount: the config's, else the algorithm's default."""
+    default = inspect.signature(ALGOS[cfg.algo.name]).parameters["gamma"].default
+    return cfg.algo.hyperparams.get("gamma", default)
+
+
 def buffer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """replay_buffer_class/rollout_buffer_class and their kwargs for a compressed mode; {} for none."""
+    """replay_buffer_class/rollout_buffer_class and their kwargs for a compressed mode; {} for none (SB3 picks its own
+    buffer, an NStepReplayBuffer for n_steps > 1)."""
     if cfg.compression.mode == "none":
         return {}
     kwargs = {"compression": cfg.compression.mode, "frame_stack": cfg.algo.frame_stack}
     kwargs.update({key: value for key, value in cfg.compression.items() if key != "mode"})
     if cfg.algo.name == "ppo":
         return {"rollout_buffer_class": CompressedRolloutBuffer, "rollout_buffer_kwargs": kwargs}
+    if cfg.n_steps > 1:
+        kwargs.update(n_steps=cfg.n_steps, gamma=gamma(cfg))
+        return {"replay_buffer_class": CompressedNStepReplayBuffer, "replay_buffer_kwargs": kwargs}
+    if observes_dict(cfg):
+        return {"replay_buffer_class": CompressedDictReplayBuffer, "replay_buffer_kwargs": kwargs}
     return {"replay_buffer_class": CompressedReplayBuffer, "replay_buffer_kwargs": kwargs}
 
 
 def make_env(cfg: DictConfig) -> VecEnv:
-    """The RL Zoo's Atari env: AtariWrapper (no-op starts, frame skip 4, episodic life, 84x84 gray) and frame stacking."""
-    return VecFrameStack(make_atari_env(cfg.env, n_envs=cfg.algo.n_envs, seed=cfg.seed), n_stack=cfg.algo.frame_stack)
+    """The RL Zoo's Atari env: AtariWrapper (no-op starts, frame skip 4, episodic life, 84x84 gray), or a DMC task's
+    camera (and proprioception) rendered as DrQ-v2 does (envs.gym_dmc); frames stacked."""
+    if cfg.algo.name not in CONTINUOUS:
+        venv = make_atari_env(cfg.env, n_envs=cfg.algo.n_envs, seed=cfg.seed)
+    else:
+        from envs.gym_dmc import DMCPixels
+        options = OmegaConf.to_container(cfg.dmc, resolve=True)
+        venv = make_vec_env(DMCPixels, n_envs=cfg.algo.n_envs, seed=cfg.seed,
+                            env_kwargs={"name": cfg.env, "seed": cfg.seed, **options})
+    return VecFrameStack(venv, n_stack=cfg.algo.frame_stack)
 
 
 def make_model(cfg: DictConfig, env: VecEnv, work_dir: Optional[Path] = None) -> BaseAlgorithm:
     """The algorithm with the configured buffer, seeded, on the configured device."""
     tensorboard_log = str(work_dir / "tb") if cfg.use_tb and work_dir is not None else None
-    return ALGOS[cfg.algo.name](cfg.algo.policy, env, seed=cfg.seed, device=cfg.device, verbose=0,
-                                tensorboard_log=tensorboard_log, **hyperparams(cfg), **buffer_kwargs(cfg))
+    params = {**hyperparams(cfg), **buffer_kwargs(cfg)}
+    noise = params.get("action_noise")
+    if isinstance(noise, str) and noise.startswith("normal_"):  # Gaussian exploration noise of this sigma
+        size = env.action_space.shape[-1]
+        params["action_noise"] = NormalActionNoise(np.zeros(size), np.full(size, float(noise[len("normal_"):])))
+    if issubclass(ALGOS[cfg.algo.name], OffPolicyAlgorithm):
+        params["n_steps"] = cfg.n_steps
+    # SB3's MultiInputPolicy runs the CnnPolicy's CNN on the camera of Dict observations
+    policy = "MultiInputPolicy" if isinstance(env.observation_space, spaces.Dict) and cfg.algo.policy == "CnnPolicy" \
+        else cfg.algo.policy
+    with warnings.catch_warnings():
+        # SB3 warns that n_steps is ignored with a buffer class of ours; CompressedNStepReplayBuffer takes it
+        warnings.filterwarnings("ignore", message=r"`n_steps=\d+` is ignored because a custom `replay_buffer_class`")
+        return ALGOS[cfg.algo.name](policy, env, seed=cfg.seed, device=cfg.device, verbose=0,
+                                    tensorboard_log=tensorboard_log, **params)
 
 
 def buffer_of(model: BaseAlgorithm) -> Any:
@@ -107,7 +172,7 @@ def buffer_bytes(buffer: Any) -> tuple[int, float]:
     """(bytes the buffer holds, bytes per stored transition when full); SB3's own buffers hold only arrays."""
     if hasattr(buffer, "bytes_per_step"):
         return buffer.nbytes, buffer.bytes_per_step
-    nbytes = sum(a.nbytes for a in vars(buffer).values() if isinstance(a, np.ndarray))
+    nbytes = sb3_nbytes(buffer)
     return nbytes, nbytes / (buffer.buffer_size * buffer.n_envs)
 
 

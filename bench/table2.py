@@ -40,7 +40,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_atari  # noqa: E402
-from sb3_buffers import CompressedReplayBuffer  # noqa: E402
+from sb3_buffers import CompressedReplayBuffer, sb3_nbytes  # noqa: E402
 
 GAMES = ("Asteroids", "BeamRider", "Breakout", "Enduro", "MsPacman", "Pong", "Qbert", "RoadRunner", "Seaquest",
          "SpaceInvaders")
@@ -100,23 +100,55 @@ def sb3x_buffer(setting: str, observation_space: Any, action_space: Any) -> Any:
 
 
 def bytes_per_step(buffer: Any) -> float:
-    """Bytes per transition of a buffer at capacity: its arrays over capacity, its stored payload over what it stores."""
+    """Bytes per transition of a buffer at capacity: its arrays over capacity, its stored payload over what it stores
+    (sys.getsizeof of every object in observation arrays of objects, sb3-extra-buffers' compressed bytes)."""
     if hasattr(buffer, "bytes_per_step"):
         return buffer.bytes_per_step
-    arrays = sum(a.nbytes for a in vars(buffer).values() if isinstance(a, np.ndarray))
     capacity, stored = buffer.buffer_size * buffer.n_envs, max(buffer.size() * buffer.n_envs, 1)
-    if buffer.observations.dtype != object:  # SB3's own: all arrays, allocated for the whole capacity
-        return arrays / capacity
-    payload = sum(sys.getsizeof(item) for a in (buffer.observations, buffer.next_observations)
-                  for item in a[:buffer.size()].reshape(-1))
-    return arrays / capacity + payload / stored
+    arrays = [a for obs in (buffer.observations, getattr(buffer, "next_observations", None)) if obs is not None
+              for a in (obs.values() if isinstance(obs, dict) else (obs,))]
+    payload = sum(sys.getsizeof(item) for a in arrays if a.dtype == object for item in a[:buffer.size()].reshape(-1))
+    return sb3_nbytes(buffer) / capacity + payload / stored
 
 
 def same_samples(a: Any, b: Any) -> bool:
-    """Whether two SB3 sample tuples are byte-identical (values, dtypes, shapes)."""
+    """Whether two SB3 sample tuples are byte-identical (values, dtypes, shapes; Dict observations key by key)."""
     import torch
-    return all((x is None and y is None) or (x is not None and y is not None and x.dtype == y.dtype
-                                             and x.shape == y.shape and torch.equal(x, y)) for x, y in zip(a, b))
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, dict) or isinstance(y, dict):
+            return isinstance(x, dict) and isinstance(y, dict) and list(x) == list(y) and all(same(x[k], y[k]) for k in x)
+        return (x is None and y is None) or (x is not None and y is not None and x.dtype == y.dtype
+                                             and x.shape == y.shape and torch.equal(x, y))
+    return all(same(x, y) for x, y in zip(a, b))
+
+
+def measure_replay(buffers: dict[str, Any], transitions: Sequence[tuple], samples: int,
+                   batch: int = BATCH) -> dict[str, dict[str, float]]:
+    """Bytes per transition, add µs and sample ms of replay buffers given the same transitions, round-robin; whether
+    each samples what the first one does under the same numpy seeds."""
+    add_time = dict.fromkeys(buffers, 0.0)
+    for transition in transitions:
+        for name, buffer in buffers.items():
+            start = time.perf_counter()
+            buffer.add(*transition)
+            add_time[name] += time.perf_counter() - start
+    for buffer in buffers.values():  # untimed: the first sample of a process pays for torch's and numba's warm-up
+        buffer.sample(batch)
+    sample_time = dict.fromkeys(buffers, 0.0)
+    equal = dict.fromkeys(buffers, True)
+    for seed in range(samples):
+        reference = None
+        for name, buffer in buffers.items():
+            np.random.seed(seed)
+            start = time.perf_counter()
+            sampled = buffer.sample(batch)
+            sample_time[name] += time.perf_counter() - start
+            reference = sampled if reference is None else reference
+            equal[name] &= same_samples(reference, sampled)
+    return {name: {"bytes_per_step": bytes_per_step(buffer), "add_us": add_time[name] / len(transitions) * 1e6,
+                   "sample_ms": sample_time[name] / samples * 1e3, "equal_to_sb3": float(equal[name])}
+            for name, buffer in buffers.items()}
 
 
 def measure_buffers(game: str, args: argparse.Namespace, codec: dict[str, Any],
@@ -130,28 +162,7 @@ def measure_buffers(game: str, args: argparse.Namespace, codec: dict[str, Any],
                                                compression=mode, **codec)
     for setting in args.sb3x:
         buffers[f"sb3x {setting}"] = sb3x_buffer(setting, observation_space, action_space)
-    add_time = dict.fromkeys(buffers, 0.0)
-    for transition in transitions:
-        for name, buffer in buffers.items():
-            start = time.perf_counter()
-            buffer.add(*transition)
-            add_time[name] += time.perf_counter() - start
-    for buffer in buffers.values():  # untimed: the first sample of a process pays for torch's and numba's warm-up
-        buffer.sample(BATCH)
-    sample_time = dict.fromkeys(buffers, 0.0)
-    equal = dict.fromkeys(buffers, True)
-    for seed in range(args.samples):
-        reference = None
-        for name, buffer in buffers.items():
-            np.random.seed(seed)
-            start = time.perf_counter()
-            batch = buffer.sample(BATCH)
-            sample_time[name] += time.perf_counter() - start
-            reference = batch if reference is None else reference
-            equal[name] &= same_samples(reference, batch)
-    return {name: {"bytes_per_step": bytes_per_step(buffer), "add_us": add_time[name] / len(transitions) * 1e6,
-                   "sample_ms": sample_time[name] / args.samples * 1e3, "equal_to_sb3": float(equal[name])}
-            for name, buffer in buffers.items()}
+    return measure_replay(buffers, transitions, args.samples)
 
 
 def train_run(game: str, algo: str, mode: str, steps: int, args: argparse.Namespace) -> dict[str, float]:

@@ -221,9 +221,10 @@ def check_task(name: str, floor: bool = True) -> None:
                              f"use floor=true for {name!r}") from error
 
 
-def make(name: str, frame_stack: int, action_repeat: int, seed: int,
-         grayscale: bool = False, floor: bool = True) -> ExtendedTimeStepWrapper:
-    """Builds the DrQ-v2 pixel env for `<domain>_<task>` names such as 'ball_in_cup_catch'."""
+def pixel_env(name: str, action_repeat: int, seed: int, floor: bool = True, image_size: int = IMAGE_SIZE,
+              pixels_only: bool = True) -> dm_env.Environment:
+    """A task rendered as upstream DrQ-v2 renders it (its camera, float32 actions in [-1, 1], repeated), observing
+    `pixels` (H, W, 3) uint8 and, unless pixels_only, the task's state observations."""
     domain, task = _parse_name(name)
     env = suite.load(domain, task, task_kwargs={"random": seed}, visualize_reward=False)
     if not floor:
@@ -231,9 +232,19 @@ def make(name: str, frame_stack: int, action_repeat: int, seed: int,
     env = ActionDTypeWrapper(env, np.float32)
     env = ActionRepeatWrapper(env, action_repeat)
     camera_id = 2 if domain == "quadruped" else 0  # as upstream DrQ-v2: quadruped uses its "y" camera
-    render_kwargs = dict(height=IMAGE_SIZE, width=IMAGE_SIZE, camera_id=camera_id)
-    env = pixels.Wrapper(env, pixels_only=True, render_kwargs=render_kwargs)
+    render_kwargs = dict(height=image_size, width=image_size, camera_id=camera_id)
+    env = pixels.Wrapper(env, pixels_only=pixels_only, render_kwargs=render_kwargs)
     # float32 bounds: under numpy 2 Python-float bounds would promote the action spec to float64.
-    env = action_scale.Wrapper(env, minimum=np.float32(-1.0), maximum=np.float32(1.0))
-    env = FrameStackWrapper(env, frame_stack, grayscale)
+    return action_scale.Wrapper(env, minimum=np.float32(-1.0), maximum=np.float32(1.0))
+
+
+def make(name: str, frame_stack: int, action_repeat: int, seed: int,
+         grayscale: bool = False, floor: bool = True) -> ExtendedTimeStepWrapper:
+    """Builds the DrQ-v2 pixel env for `<domain>_<task>` names such as 'ball_in_cup_catch'."""
+    env = FrameStackWrapper(pixel_env(name, action_repeat, seed, floor), frame_stack, grayscale)
     return ExtendedTimeStepWrapper(env)
+
+
+def is_task(name: str) -> bool:
+    """Whether `name` is a DMC task (`<domain>_<task>`)."""
+    return name in _TASKS

@@ -212,3 +212,28 @@ def test_extended_wrapper_converts_reward_and_discount():
     assert ts.last() and ts.reward == 3.0 and ts.discount == 0.0
     assert ts.reward.dtype == np.float32 and ts.discount.dtype == np.float32
     assert ts.action.dtype == np.float32
+
+
+@pytest.mark.parametrize("grayscale, floor", [(False, True), (True, False)])
+def test_gym_dmc_observes_drqv2s_frames_and_the_tasks_state(grayscale, floor):
+    from envs.gym_dmc import DMCPixels
+
+    env = DMCPixels("walker_walk", grayscale=grayscale, floor=floor, max_episode_steps=6, seed=4)
+    drq = _make(frame_stack=1, grayscale=grayscale, floor=floor, seed=4)
+    assert env.observation_space["camera"].shape == ((1 if grayscale else 3), SIZE, SIZE)
+    assert env.observation_space["proprio"].shape == (24,)  # walker: orientations 14, height 1, velocity 9
+    obs, _ = env.reset()
+    time_step, rng = drq.reset(), np.random.default_rng(0)
+    for step in range(1, 7):
+        assert env.observation_space.contains(obs)
+        assert np.array_equal(obs["camera"], time_step.observation)  # the same camera, actions and physics
+        action = _random_action(drq, rng)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        time_step = drq.step(action)
+        assert reward == pytest.approx(time_step.reward) and not terminated and truncated == (step == 6)
+    first, _ = env.reset(seed=7)
+    again, _ = env.reset(seed=7)
+    assert all(np.array_equal(first[key], again[key]) for key in first)
+    camera_only = DMCPixels("walker_walk", image_size=48, proprio=False)
+    assert camera_only.observation_space.shape == (3, 48, 48)
+    assert camera_only.observation_space.contains(camera_only.reset(seed=1)[0])

@@ -9,11 +9,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
-from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
+from stable_baselines3.common.buffers import DictReplayBuffer, NStepReplayBuffer, ReplayBuffer, RolloutBuffer
 from stable_baselines3.common.utils import LinearSchedule
 
 import train_atari
-from sb3_buffers import CompressedReplayBuffer, CompressedRolloutBuffer
+from sb3_buffers import (CompressedDictReplayBuffer, CompressedNStepReplayBuffer, CompressedReplayBuffer,
+                         CompressedRolloutBuffer)
 from tests.test_sb3_buffers import assert_same_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,19 +48,41 @@ def test_compressed_modes_pick_the_compressed_buffers(algo, key, cls, mode):
     assert kwargs[f"{key}_buffer_kwargs"]["compression"] == mode and kwargs[f"{key}_buffer_kwargs"]["frame_stack"] == 4
 
 
+@pytest.mark.parametrize("overrides, cls", [
+    (["n_steps=3"], CompressedNStepReplayBuffer), (["algo=sac"], CompressedDictReplayBuffer),
+    (["algo=td3", "dmc.proprio=false"], CompressedReplayBuffer),
+    (["algo=sac", "dmc.proprio=false", "n_steps=2"], CompressedNStepReplayBuffer)])
+def test_off_policy_settings_pick_the_compressed_buffers(overrides, cls):
+    cfg = compose_cfg(overrides)
+    train_atari.validate_config(cfg)
+    kwargs = train_atari.buffer_kwargs(cfg)
+    assert kwargs["replay_buffer_class"] is cls
+    if cls is CompressedNStepReplayBuffer:
+        assert (kwargs["replay_buffer_kwargs"]["n_steps"], kwargs["replay_buffer_kwargs"]["gamma"]) == \
+            (cfg.n_steps, 0.99)
+    if "algo=sac" in overrides:
+        assert cfg.env == "walker_walk" and cfg.algo.frame_stack == 3
+
+
 def test_bad_settings_are_named_before_anything_is_built():
     with pytest.raises(MissingConfigException):
         compose_cfg(["compression=zip"])
-    cfg = compose_cfg(["env=PongNoSuchGame-v4", "compression.key_interval=0", "algo.n_envs=-1"])
+    cfg = compose_cfg(["env=PongNoSuchGame-v4", "compression.key_interval=0", "algo.n_envs=-1", "n_steps=0"])
     with pytest.raises(ValueError) as error:
         train_atari.validate_config(cfg)
-    for name in ("env='PongNoSuchGame-v4'", "compression.key_interval=0", "algo.n_envs=-1"):
+    for name in ("env='PongNoSuchGame-v4'", "compression.key_interval=0", "algo.n_envs=-1", "n_steps=0"):
         assert name in str(error.value)
+    for overrides, message in [(["algo=sac", "env=PongNoFrameskip-v4"], "env='PongNoFrameskip-v4' is not a DMC task"),
+                               (["algo=ppo", "n_steps=3"], "rollout length is algo.hyperparams.n_steps"),
+                               (["algo=sac", "n_steps=3"], "no n-step buffer for Dict observations"),
+                               (["algo=td3", "env=walker_fly"], "env='walker_fly' is not a DMC task")]:
+        with pytest.raises(ValueError, match=message):
+            train_atari.validate_config(compose_cfg(overrides))
 
 
-def short_run(algo, mode, work_dir, overrides):
-    cfg = compose_cfg([f"algo={algo}", f"compression={mode}", "env=BreakoutNoFrameskip-v4", "seed=3",
-                       "device=cpu", "torch_threads=1", *overrides])
+def short_run(algo, mode, work_dir, overrides, env="BreakoutNoFrameskip-v4"):
+    cfg = compose_cfg([f"algo={algo}", f"compression={mode}", f"env={env}", "seed=3", "device=cpu", "torch_threads=1",
+                       *overrides])
     train_atari.validate_config(cfg)
     work_dir.mkdir()
     return train_atari.train(cfg, work_dir)
@@ -73,10 +96,23 @@ def read_rows(path):
 def assert_same_training(runs):
     (base, base_dir), (ours, ours_dir) = runs
     rows = read_rows(base_dir / "train.csv")
-    assert len(rows) >= 3 and any(row["loss"] != "nan" for row in rows)
+    loss = train_atari.LOSSES[[name for name, cls in train_atari.ALGOS.items() if isinstance(base, cls)][0]][0]
+    assert len(rows) >= 3 and any(row[loss] != "nan" for row in rows)
     assert read_rows(ours_dir / "train.csv") == rows  # every game's reward and length, and the losses
     for a, b in zip(base.policy.state_dict().values(), ours.policy.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def assert_reloaded_buffer_samples_as_sb3s(runs, tmp_path):
+    """save_replay_buffer pickles our run's buffer; loaded back, it samples what SB3's buffer of the other run does."""
+    (base, _), (model, _) = runs
+    model.save_replay_buffer(tmp_path / "replay.pkl")
+    model.replay_buffer = None
+    model.load_replay_buffer(tmp_path / "replay.pkl")
+    np.random.seed(0)
+    want = base.replay_buffer.sample(64)
+    np.random.seed(0)
+    assert_same_samples(want, model.replay_buffer.sample(64))
 
 
 @pytest.mark.slow
@@ -87,15 +123,46 @@ def test_qrdqn_learns_bit_identically_with_full_compression(tmp_path):
     runs = [(short_run("qrdqn", mode, tmp_path / mode, overrides), tmp_path / mode) for mode in ("none", "full")]
     assert type(runs[0][0].replay_buffer) is ReplayBuffer and type(runs[1][0].replay_buffer) is CompressedReplayBuffer
     assert_same_training(runs)
-    # model.save_replay_buffer pickles the buffer; loaded back, it samples what SB3's buffer samples
+    assert_reloaded_buffer_samples_as_sb3s(runs, tmp_path)
+
+
+@pytest.mark.slow
+def test_n_step_qrdqn_learns_bit_identically_with_full_compression(tmp_path):
+    overrides = ["n_timesteps=900", "n_steps=3", "algo.hyperparams.buffer_size=400",
+                 "algo.hyperparams.learning_starts=300", "algo.hyperparams.batch_size=8",
+                 "algo.hyperparams.target_update_interval=200", "algo.hyperparams.exploration_fraction=0.5"]
+    runs = [(short_run("qrdqn", mode, tmp_path / mode, overrides), tmp_path / mode) for mode in ("none", "full")]
+    assert type(runs[0][0].replay_buffer) is NStepReplayBuffer
+    assert type(runs[1][0].replay_buffer) is CompressedNStepReplayBuffer and runs[1][0].replay_buffer.n_steps == 3
+    assert_same_training(runs)
+
+
+def dmc_overrides(steps):
+    """A run of `steps` agent steps on 48x48 frames in episodes of 20 steps, updating from half-way on, its buffer
+    wrapping."""
+    return [f"n_timesteps={steps}", f"algo.hyperparams.learning_starts={steps // 2}", "algo.hyperparams.batch_size=16",
+            f"algo.hyperparams.buffer_size={steps * 3 // 4}", "dmc.image_size=48", "dmc.max_episode_steps=20"]
+
+
+@pytest.mark.slow
+def test_sac_learns_bit_identically_from_pixels_and_proprioception_with_full_compression(tmp_path):
+    runs = [(short_run("sac", mode, tmp_path / mode, dmc_overrides(80), "walker_walk"), tmp_path / mode)
+            for mode in ("none", "full")]
+    assert type(runs[0][0].replay_buffer) is DictReplayBuffer
+    assert type(runs[1][0].replay_buffer) is CompressedDictReplayBuffer
+    assert_same_training(runs)
+    assert_reloaded_buffer_samples_as_sb3s(runs, tmp_path)
     model = runs[1][0]
-    model.save_replay_buffer(tmp_path / "replay.pkl")
-    model.replay_buffer = None
-    model.load_replay_buffer(tmp_path / "replay.pkl")
-    np.random.seed(0)
-    want = runs[0][0].replay_buffer.sample(64)
-    np.random.seed(0)
-    assert_same_samples(want, model.replay_buffer.sample(64))
+    assert model.replay_buffer.nbytes < train_atari.buffer_bytes(runs[0][0].replay_buffer)[0] / 4
+
+
+@pytest.mark.slow
+def test_td3_learns_bit_identically_from_pixels_with_full_compression(tmp_path):
+    overrides = [*dmc_overrides(80), "dmc.proprio=false", "dmc.grayscale=true", "dmc.floor=false"]
+    runs = [(short_run("td3", mode, tmp_path / mode, overrides, "walker_walk"), tmp_path / mode)
+            for mode in ("none", "full")]
+    assert type(runs[0][0].replay_buffer) is ReplayBuffer and type(runs[1][0].replay_buffer) is CompressedReplayBuffer
+    assert_same_training(runs)
 
 
 @pytest.mark.slow
